@@ -1,0 +1,30 @@
+"""The two run profiles, in one place.
+
+``quick`` runs the whole book on two CPU cores inside the CI budget; ``paper`` uses the
+papers' settings and is meant for a GPU. Chapters read their numbers from here and say
+in their text which ones they used.
+"""
+from __future__ import annotations
+
+import copy
+
+PROFILES: dict[str, dict] = {
+    "quick": {
+        # Training of the float models: full 60k training set, few epochs, no augmentation.
+        "train": {"epochs": 3, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
+                  "weight_decay": 5e-4, "augment": False, "seed": 0},
+        "test_subset": None,  # None: the full 10k test set
+    },
+    "paper": {
+        "train": {"epochs": 30, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
+                  "weight_decay": 5e-4, "augment": True, "seed": 0},
+        "test_subset": None,
+    },
+}
+
+
+def get(profile: str) -> dict:
+    """A copy of one profile's settings; a clear error for an unknown name."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    return copy.deepcopy(PROFILES[profile])
