@@ -18,8 +18,8 @@ def glued(nb) -> dict:
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             meta = out.get("metadata", {}).get("scrapbook")
-            if meta and "text/plain" in out.get("data", {}):
-                values[meta["name"]] = out["data"]["text/plain"]
+            if meta:
+                values[meta["name"]] = out["data"][meta.get("mime_prefix", "") + "text/plain"]
     return values
 
 
