@@ -70,7 +70,9 @@ def build(executed_dir: Path = EXECUTED, out_dir: Path = BUILD) -> Path:
         shutil.copy2(REPO / name, src / name)
     shutil.copytree(REPO / "book", src / "book")
     shutil.copytree(executed_dir, src / "notebooks")
-    shutil.copytree(_mathjax_dir(), src / "_static" / "mathjax")
+    # html_extra_path copies this tree verbatim into the output (→ _static/mathjax/); under
+    # the book's own _static, Jupyter Book would add every MathJax file as a <script>.
+    shutil.copytree(_mathjax_dir(), src / "_mathjax" / "_static" / "mathjax")
     site = out_dir / "site"
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(src), "--all",
            "--path-output", str(site), "--warningiserror", "--nitpick", "--keep-going"]
