@@ -1,0 +1,358 @@
+"""Post-training quantization of a whole model: BN folding, quantized layers, and
+module-by-module reconstruction with any of the six rounding functions.
+
+The recipe is the paper's §4.1: BatchNorm folded into the convolutions; weight step sizes
+per output channel by minimising ‖W − Ŵ‖² under nearest rounding; first and last layers at
+8 bits; each module (a residual block, an inverted-residual block, or a lone conv/linear
+layer) calibrated in turn by minimising ‖f(x) − f̂(x)‖² with Adam, where x is the module's
+input in the *quantized* model so far and f(x) the *float* module's output; activation step
+sizes initialised by an MSE search and learned (LSQ) during reconstruction.
+
+    qmodel = quantize(model, calib, w_bits=4, a_bits=4, rounding="attention", iters=2000)
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qlib.rounding import (ROUNDINGS, adaround_beta, adaround_init, adaround_regularizer,
+                           attention_round, check_bits, grid, rectified_sigmoid, round_fixed,
+                           search_act_scale, search_weight_scale)
+from qlib.rounding import AttentionRound, attention_probabilities, backward_factor  # noqa: F401 (API)
+
+SUPPORTED = (nn.Conv2d, nn.Linear)
+# Modules calibrated as one unit: their internal layers are optimised jointly.
+_BLOCK_NAMES = ("BasicBlock", "Bottleneck", "InvertedResidual")
+# Modules with weights that quantize() leaves in float: a BatchNorm with no conv before it.
+_PASSIVE = (nn.BatchNorm2d,)
+
+
+def _device(device):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# --- BatchNorm folding ---------------------------------------------------------------------
+
+@torch.no_grad()
+def fold_bn(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every BatchNorm2d folded into the Conv2d registered just
+    before it (conv then BN is how torchvision and our models build their layers):
+    W' = W·γ/√(σ²+ε), b' = (b − μ)·γ/√(σ²+ε) + β; the BN becomes an Identity. The copy is
+    in eval mode and matches the original's eval outputs to float rounding."""
+    model = copy.deepcopy(model).eval()
+    for parent in model.modules():
+        prev_name, prev = None, None
+        for name, child in list(parent.named_children()):
+            if (isinstance(child, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d)
+                    and prev.out_channels == child.num_features):
+                scale = child.weight / torch.sqrt(child.running_var + child.eps)
+                prev.weight.mul_(scale.view(-1, 1, 1, 1))
+                bias = prev.bias if prev.bias is not None else torch.zeros_like(child.running_mean)
+                new_bias = (bias - child.running_mean) * scale + child.bias
+                prev.bias = nn.Parameter(new_bias)
+                setattr(parent, name, nn.Identity())
+                prev = None
+                continue
+            prev_name, prev = name, child
+    return model
+
+
+# --- quantized layer -----------------------------------------------------------------------
+
+class ActQuant(nn.Module):
+    """Uniform activation quantizer with a learned step size (LSQ, Esser et al. 2020):
+    round-to-nearest with a straight-through gradient, the step's gradient scaled by
+    1/√(numel · h)."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.signed = True
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.enabled = False
+
+    def init_from(self, x: torch.Tensor) -> None:
+        self.signed = bool(x.min() < 0)
+        self.scale.data.fill_(search_act_scale(x, self.bits, self.signed))
+        self.enabled = True
+
+    def forward(self, x):
+        if not self.enabled:
+            return x
+        lo, hi = grid(self.bits, self.signed)
+        g = 1.0 / (x[0].numel() * hi) ** 0.5
+        s = self.scale * g + (self.scale * (1 - g)).detach()  # LSQ gradient scaling
+        v = torch.clamp(x / s, lo, hi)
+        return (torch.round(v) - v).detach() * s + v * s
+
+
+class QuantLayer(nn.Module):
+    """A Conv2d or Linear whose weight is quantized with one of the six rounding functions,
+    and whose input is optionally quantized by an :class:`ActQuant`."""
+
+    def __init__(self, layer: nn.Module, w_bits: int, a_bits: int | None, rounding: str,
+                 tau: float = 0.5, tau_units: str = "grid", generator: torch.Generator | None = None):
+        super().__init__()
+        self.layer = layer
+        self.w_bits, self.rounding = w_bits, rounding
+        layer.weight.requires_grad_(False)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        w = layer.weight.data
+        self.register_buffer("scale", search_weight_scale(w, w_bits))
+        self.lo, self.hi = grid(w_bits, True)
+        v = w / self.scale
+        self.register_buffer("v", v)
+        self.w_int = None  # final integer weights, set by finalize()
+        if rounding in ("nearest", "floor", "ceil", "stochastic"):
+            self.w_int = torch.clamp(round_fixed(v, rounding, generator), self.lo, self.hi)
+        elif rounding == "adaround":
+            self.V = nn.Parameter(adaround_init(v))
+        elif rounding == "attention":
+            # σ, the std of α in grid steps: τ itself (the book's reading), or τ/s per output
+            # channel (the literal reading, τ in weight units)
+            sigma = torch.as_tensor(float(tau)) if tau_units == "grid" else tau / self.scale
+            self.register_buffer("sigma", sigma.to(w.dtype))
+            noise = torch.randn(v.shape, generator=generator)
+            self.alpha = nn.Parameter(noise * sigma)  # α ~ N(0, σ²), σ in grid steps
+        else:
+            raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
+        self.act = ActQuant(a_bits) if a_bits is not None else None
+
+    def rounding_params(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters(recurse=False) if n in ("V", "alpha")]
+
+    def integer_weight(self, soft: bool = False) -> torch.Tensor:
+        """The weight on the integer grid (clipped). AdaRound uses the soft h(V) while it is
+        being trained (``soft=True``), its hard 0/1 choice otherwise."""
+        if self.w_int is not None:
+            return self.w_int
+        if self.rounding == "adaround":
+            h = rectified_sigmoid(self.V) if soft else (self.V >= 0).to(self.v.dtype)
+            z = torch.floor(self.v) + h
+        else:
+            z = attention_round(self.v, self.alpha, self.sigma)
+        return torch.clamp(z, self.lo, self.hi)
+
+    def weight(self, soft: bool = False) -> torch.Tensor:
+        return self.scale * self.integer_weight(soft)
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Freeze the learned rounding into integers; drop the training state."""
+        self.w_int = self.integer_weight(soft=False).clone()
+        for n in ("V", "alpha"):
+            if hasattr(self, n):
+                delattr(self, n)
+
+    def forward(self, x, soft: bool = False):
+        if self.act is not None:
+            x = self.act(x)
+        w = self.weight(soft=soft or getattr(self, "_soft", False))
+        if isinstance(self.layer, nn.Conv2d):
+            m = self.layer
+            return F.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)
+        return F.linear(x, w, self.layer.bias)
+
+
+# --- model surgery -------------------------------------------------------------------------
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """Names of the Conv2d/Linear layers, in registration order; a ValueError names any
+    other module holding weights, since quantize() could not quantize it."""
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, SUPPORTED):
+            names.append(name)
+        elif (list(m.parameters(recurse=False)) and not isinstance(m, _PASSIVE)):
+            raise ValueError(
+                f"layer {name!r} of type {type(m).__name__} holds weights but cannot be quantized; "
+                f"supported weight layers: Conv2d, Linear (BatchNorm2d is folded into its conv)"
+            )
+    if not names:
+        raise ValueError("the model has no Conv2d or Linear layer to quantize")
+    return names
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def calibration_units(model: nn.Module) -> list[str]:
+    """The modules reconstructed one at a time, in forward order: residual / inverted-residual
+    blocks as wholes, any other quantized layer on its own."""
+    units, inside = [], set()
+    for name, m in model.named_modules():
+        if any(name.startswith(u + ".") for u in inside):
+            continue
+        if type(m).__name__ in _BLOCK_NAMES:
+            units.append(name)
+            inside.add(name)
+        elif isinstance(m, QuantLayer):
+            units.append(name)
+            inside.add(name)
+    return units
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, module: nn.Module, data: torch.Tensor, batch_size: int,
+             dev: torch.device, want: str) -> torch.Tensor:
+    """Run ``model`` on ``data`` and collect ``module``'s input or output, stopping the
+    forward pass there (the rest of the network is not needed)."""
+    chunks = []
+
+    def hook(mod, inp, out):
+        chunks.append((inp[0] if want == "input" else out).detach())
+        raise _Stop
+
+    h = module.register_forward_hook(hook)
+    try:
+        for i in range(0, len(data), batch_size):
+            try:
+                model(data[i:i + batch_size].to(dev))
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return torch.cat(chunks)
+
+
+def _reconstruct(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iters: int,
+                 batch_size: int, lr: float, rounding: str, generator: torch.Generator,
+                 desc: str, progress: bool) -> list[float]:
+    """Minimise ‖f(x) − f̂(x)‖² over one unit's rounding variables and activation steps."""
+    qlayers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
+    round_params = [p for q in qlayers for p in q.rounding_params()]
+    act_params = [q.act.scale for q in qlayers if q.act is not None and q.act.enabled]
+    groups = [{"params": round_params, "lr": lr}] if round_params else []
+    if act_params:
+        groups.append({"params": act_params, "lr": lr / 10})  # as BRECQ: steps learn slower
+    if not groups or iters == 0:
+        return []
+    opt = torch.optim.Adam(groups)
+    for q in qlayers:
+        q._soft = rounding == "adaround"
+    losses = []
+    bar = tqdm(range(iters), desc=desc, leave=False, disable=not progress, mininterval=1.0)
+    for step in bar:
+        idx = torch.randint(0, len(x), (batch_size,), generator=generator).to(x.device)
+        out = unit(x[idx])
+        # ‖·‖² summed over channels, averaged over batch and positions (as BRECQ's lp_loss)
+        rec = (out - y[idx]).pow(2).sum(1).mean()
+        loss = rec
+        if rounding == "adaround":
+            beta = adaround_beta(step, iters)
+            if beta is not None:
+                loss = rec + 0.01 * sum(adaround_regularizer(q.V, beta) for q in qlayers)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(rec.item())
+    for q in qlayers:
+        q._soft = False
+    return losses
+
+
+def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | None = None,
+             rounding: str = "attention", tau: float = 0.5, iters: int = 2000,
+             batch_size: int = 64, lr: float = 4e-4, first_last_bits: int = 8,
+             device: str | torch.device = "auto", seed: int = 0, tau_units: str = "grid",
+             progress: bool = True) -> nn.Module:
+    """A quantized copy of ``model`` (which is left untouched), calibrated on ``calib``.
+
+    w_bits: an int, or ``{layer_name: bits}`` for every quantized layer (first and last
+        layers may be omitted: they use ``first_last_bits``).
+    a_bits: bits for the input of every layer but the first (None: activations stay float).
+    rounding: nearest, floor, ceil, stochastic (fixed, no calibration), adaround or
+        attention (module-by-module reconstruction, ``iters`` Adam steps per module).
+    tau: the std of Attention Round's α. ``tau_units="grid"`` (the book's reading) takes τ in
+        grid steps, α ~ N(0, τ²); ``"weight"`` is the literal reading α ~ N(0, (τ/s)²).
+    The returned model carries ``quant_report``: seconds, images, iterations, device and the
+    per-module reconstruction losses."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
+    if not (isinstance(tau, (int, float)) and tau >= 0):
+        raise ValueError(f"tau must be a number ≥ 0 (the std of α), got {tau!r}")
+    if tau_units not in ("grid", "weight"):
+        raise ValueError(f"tau_units must be 'grid' or 'weight', got {tau_units!r}")
+    check_bits(first_last_bits, "first_last_bits")
+    if a_bits is not None:
+        check_bits(a_bits, "a_bits")
+    if not isinstance(calib, torch.Tensor) or calib.dim() < 2:
+        raise ValueError("calib must be a tensor of calibration inputs, N × C × H × W")
+    learned = rounding in ("adaround", "attention")
+    if learned and len(calib) < batch_size:
+        raise ValueError(f"{len(calib)} calibration images are fewer than the batch size "
+                         f"{batch_size}; pass more images or a smaller batch_size")
+    if learned and (not isinstance(iters, int) or iters < 0):
+        raise ValueError(f"iters must be an integer ≥ 0, got {iters!r}")
+
+    start = time.perf_counter()
+    dev = _device(device)
+    gen = torch.Generator().manual_seed(seed)
+    fp = fold_bn(model).to(dev)
+    names = quantizable_layers(fp)
+    first, last = names[0], names[-1]
+    if isinstance(w_bits, dict):
+        missing = [n for n in names if n not in w_bits and n not in (first, last)]
+        unknown = [n for n in w_bits if n not in names]
+        if missing or unknown:
+            raise ValueError(f"w_bits dict: missing layers {missing}, unknown layers {unknown}; "
+                             f"quantized layers are {names}")
+        bits_of = {n: check_bits(w_bits.get(n, first_last_bits), f"w_bits[{n!r}]") for n in names}
+    else:
+        check_bits(w_bits, "w_bits")
+        bits_of = {n: w_bits for n in names}
+    bits_of[first] = bits_of[last] = first_last_bits
+
+    q = copy.deepcopy(fp)
+    for n in names:
+        a = None if (a_bits is None or n == first) else (first_last_bits if n == last else a_bits)
+        ql = QuantLayer(q.get_submodule(n), bits_of[n], a, rounding, tau, tau_units, gen)
+        _set_module(q, n, ql.to(dev))
+    q.eval()
+
+    calib = calib.to(dev)
+    if a_bits is not None:  # initialise every activation step size on the float inputs
+        for n in names[1:]:
+            ql = q.get_submodule(n)
+            x_in = _capture(fp, fp.get_submodule(n), calib[:256], batch_size, dev, "input")
+            ql.act.init_from(x_in)
+
+    losses = {}
+    if learned:
+        units = calibration_units(q)
+        for k, u in enumerate(units):
+            x = _capture(q, q.get_submodule(u), calib, batch_size, dev, "input")
+            y = _capture(fp, fp.get_submodule(u), calib, batch_size, dev, "output")
+            unit = q.get_submodule(u)
+            with torch.enable_grad():
+                losses[u] = _reconstruct(unit, x, y, iters=iters, batch_size=batch_size, lr=lr,
+                                         rounding=rounding, generator=gen,
+                                         desc=f"{rounding} {k + 1}/{len(units)} {u}", progress=progress)
+            for m in unit.modules():
+                if isinstance(m, QuantLayer):
+                    m.finalize()
+            del x, y
+    for m in q.modules():
+        if isinstance(m, QuantLayer) and m.w_int is None:
+            m.finalize()
+    q.requires_grad_(False)
+    q.quant_report = {"seconds": time.perf_counter() - start, "images": len(calib),
+                      "iters_per_module": iters if learned else 0, "device": str(dev),
+                      "rounding": rounding, "w_bits": bits_of, "a_bits": a_bits,
+                      "losses": losses}
+    return q.cpu()

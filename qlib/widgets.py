@@ -1,0 +1,73 @@
+"""Interactive explorers for the chapters: ipywidgets on top of pure functions.
+
+The pure functions (``tau_explorer_data``) compute everything a figure shows, so the tests
+check them without a browser; the widget functions only wire sliders to a plot.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qlib.rounding import attention_probabilities, backward_factor, grid
+
+
+def tau_explorer_data(v: float, tau: float, bits: int = 4, n_alpha: int = 401) -> dict:
+    """What the τ explorer draws for a weight at v = w/s grid steps:
+
+    * ``grid``, ``prob``: each grid integer and the probability (eq. 2) that ⌊v + α⌉ lands
+      there when α ~ N(0, τ²) (τ in grid steps, the book's reading), clipping included;
+    * ``alpha``, ``factor_pos``, ``factor_neg``: the eq. 6 backward factor against α, for an
+      incoming gradient ∂L/∂z > 0 and ≤ 0."""
+    if tau < 0:
+        raise ValueError(f"tau must be ≥ 0, got {tau}")
+    lo, hi = grid(bits, signed=True)
+    prob = attention_probabilities(float(v), float(tau), lo, hi).numpy()
+    span = 3 * max(tau, 0.5)
+    alpha = torch.linspace(-span, span, n_alpha, dtype=torch.float64)
+    pos = backward_factor(alpha, tau, torch.ones_like(alpha, dtype=torch.bool)).numpy()
+    neg = backward_factor(alpha, tau, torch.zeros_like(alpha, dtype=torch.bool)).numpy()
+    return {"grid": np.arange(lo, hi + 1), "prob": prob, "alpha": alpha.numpy(),
+            "factor_pos": pos, "factor_neg": neg, "v": float(v), "tau": float(tau), "bits": bits}
+
+
+def plot_tau_explorer(d: dict, axes=None):
+    """Draw one state of the τ explorer on two matplotlib axes."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    ax1, ax2 = axes
+    ax1.bar(d["grid"], d["prob"], color="tab:blue", alpha=0.8)
+    ax1.axvline(d["v"], color="tab:red", ls="--", label=f"w/s = {d['v']:.2f}")
+    ax1.set(xlabel="grid point q (integer)", ylabel="P(⌊w/s + α⌉ = q)", ylim=(0, 1.05),
+            title=f"eq. 2: where the weight can land (τ = {d['tau']:.2f}, {d['bits']} bits)")
+    ax1.legend(loc="upper left")
+    ax2.plot(d["alpha"], d["factor_pos"], label="∂L/∂z > 0: Φ(α/τ)")
+    ax2.plot(d["alpha"], d["factor_neg"], label="∂L/∂z ≤ 0: 1 − Φ(α/τ)")
+    ax2.set(xlabel="α (grid steps)", ylabel="∂z/∂α", ylim=(-0.05, 1.05), title="eq. 6: backward factor")
+    ax2.legend(loc="center right")
+    return axes
+
+
+def tau_explorer(v: float = 0.3, tau: float = 0.5, bits: int = 4):
+    """Sliders for w/s and τ (and the bit width) driving the two eq. 2 / eq. 6 plots."""
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    lo, hi = grid(bits)
+    v_s = W.FloatSlider(value=v, min=lo - 1, max=hi + 1, step=0.05, description="w/s")
+    t_s = W.FloatSlider(value=tau, min=0.0, max=2.0, step=0.05, description="τ (steps)")
+    b_s = W.IntSlider(value=bits, min=2, max=8, description="bits")
+    out = W.Output()
+
+    def redraw(*_):
+        with out:
+            out.clear_output(wait=True)
+            plot_tau_explorer(tau_explorer_data(v_s.value, t_s.value, b_s.value))
+            plt.tight_layout()
+            plt.show()
+
+    for s in (v_s, t_s, b_s):
+        s.observe(redraw, names="value")
+    redraw()
+    return W.VBox([W.HBox([v_s, t_s, b_s]), out])

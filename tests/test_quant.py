@@ -1,0 +1,192 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qlib import models, quant, rounding
+from qlib.rounding import grid
+
+
+@pytest.fixture(scope="module")
+def w():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 8, 3, 3, generator=g) * 0.1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("mode", ["nearest", "floor", "ceil", "stochastic", "adaround", "attention"])
+def test_every_rounding_lands_on_the_grid(w, bits, mode):
+    layer = nn.Conv2d(8, 16, 3, bias=False)
+    layer.weight.data.copy_(w)
+    q = quant.QuantLayer(layer, bits, None, mode, tau=0.5, generator=torch.Generator().manual_seed(0))
+    if mode == "adaround":  # random V: any soft state must still round onto the grid
+        q.V.data.normal_()
+    z = q.integer_weight()
+    lo, hi = grid(bits)
+    assert torch.equal(z, torch.round(z))
+    assert z.min() >= lo and z.max() <= hi
+    wq = q.weight()
+    assert torch.allclose(wq / q.scale, z)
+
+
+def test_nearest_floor_ceil_bounds(w):
+    s = rounding.search_weight_scale(w, 4)
+    v = w / s
+    lo, hi = grid(4)
+    inside = (v > lo) & (v < hi)
+    err = (s * torch.round(v) - w).abs()
+    assert (err[inside] <= (s / 2).expand_as(w)[inside] + 1e-7).all()
+    f, c = rounding.round_fixed(v, "floor"), rounding.round_fixed(v, "ceil")
+    assert (f <= v).all() and (v <= c).all() and ((c - f) <= 1).all()
+
+
+def test_stochastic_rounding_is_unbiased():
+    v = torch.tensor([0.1, 0.5, 0.9, -1.3, 2.75]).repeat(40000, 1)
+    r = rounding.round_fixed(v, "stochastic", torch.Generator().manual_seed(0))
+    assert ((r == torch.floor(v)) | (r == torch.ceil(v))).all()
+    # 40,000 draws: the std of the mean is ≤ 0.5/200 = 0.0025; allow four of them
+    assert torch.allclose(r.mean(0), v[0], atol=0.01)
+
+
+def test_weight_scale_search_beats_max_scaling(w):
+    s = rounding.search_weight_scale(w, 3)
+    s_max = w.abs().amax((1, 2, 3), keepdim=True) / 3
+    err = (rounding.fake_quant(w, s, 3) - w).pow(2).sum((1, 2, 3))
+    err_max = (rounding.fake_quant(w, s_max, 3) - w).pow(2).sum((1, 2, 3))
+    assert (err <= err_max + 1e-9).all() and (err < err_max).any()
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.2, 0.5, 1.0])
+def test_attention_backward_is_eq6(tau):
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(200, generator=g) * 3
+    alpha = (torch.randn(200, generator=g) * max(tau, 0.3)).requires_grad_()
+    alpha.data[:5] = 0.0  # exercise α = 0 (the τ = 0 step's midpoint)
+    upstream = torch.randn(200, generator=g)  # both signs
+    z = rounding.attention_round(v, alpha, tau)
+    assert torch.equal(z, torch.round(v + alpha.detach()))
+    z.backward(upstream)
+    a = alpha.detach().double()
+    if tau > 0:
+        phi = 0.5 + 0.5 * torch.erf(a / (2 ** 0.5 * tau))
+    else:
+        phi = torch.where(a > 0, 1.0, torch.where(a < 0, 0.0, 0.5)).double()
+    expected = upstream.double() * torch.where(upstream > 0, phi, 1 - phi)
+    assert torch.allclose(alpha.grad.double(), expected, atol=1e-6)
+
+
+def test_attention_probabilities_sum_to_one_and_match_nearest_at_tau0():
+    p = rounding.attention_probabilities(1.3, 0.5, -8, 7)
+    assert p.sum().item() == pytest.approx(1.0)
+    assert p.argmax().item() + -8 == 1
+    p0 = rounding.attention_probabilities(1.3, 0.0, -8, 7)
+    assert p0[1 + 8] == 1.0 and p0.sum() == 1.0
+    # far outside the grid: the clipped end cell takes everything
+    assert rounding.attention_probabilities(50.0, 0.5, -8, 7)[-1].item() == pytest.approx(1.0)
+
+
+def _randomise_bn(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", models.ARCHS)
+def test_fold_bn_is_equivalent(arch):
+    m = _randomise_bn(models.build(arch))
+    f = quant.fold_bn(m)
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in f.modules())
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(f(x), m(x), atol=1e-5, rtol=1e-5)
+    assert any(isinstance(x, nn.BatchNorm2d) for x in m.modules())  # the original is untouched
+
+
+def test_quantize_leaves_input_untouched_and_is_deterministic():
+    m = _randomise_bn(models.build("resnet"))
+    before = copy.deepcopy(m.state_dict())
+    calib = torch.randn(64, 1, 28, 28)
+    q1 = quant.quantize(m, calib, w_bits=3, a_bits=4, rounding="attention", iters=5,
+                        batch_size=32, progress=False)
+    q2 = quant.quantize(m, calib, w_bits=3, a_bits=4, rounding="attention", iters=5,
+                        batch_size=32, progress=False)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(q1(x), q2(x))
+    layers = [x for x in q1.modules() if isinstance(x, quant.QuantLayer)]
+    assert layers[0].w_bits == 8 and layers[-1].w_bits == 8 and layers[1].w_bits == 3
+    assert layers[0].act is None and layers[-1].act.bits == 8 and layers[1].act.bits == 4
+
+
+def test_reconstruction_reduces_block_error():
+    m = _randomise_bn(models.build("vgg"))
+    calib = torch.randn(128, 1, 28, 28)
+    q = quant.quantize(m, calib, w_bits=2, rounding="attention", tau=0.5, iters=60, lr=1e-2,
+                       batch_size=32, progress=False)
+    for name, losses in q.quant_report["losses"].items():
+        if name not in ("features.0", "classifier.4"):  # 8-bit layers start near zero error
+            assert sum(losses[-10:]) < sum(losses[:10]), name
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "resnet50"])
+def test_torchvision_models_quantize(name):
+    import torchvision
+
+    m = getattr(torchvision.models, name)(weights=None).eval()
+    calib = torch.randn(8, 3, 64, 64)
+    q = quant.quantize(m, calib, w_bits=4, a_bits=8, rounding="attention", iters=1,
+                       batch_size=4, progress=False)
+    out = q(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    m = models.build("vgg")
+    calib = torch.randn(64, 1, 28, 28)
+    with pytest.raises(ValueError, match="between 2 and 16"):
+        quant.quantize(m, calib, w_bits=1, rounding="nearest")
+    with pytest.raises(ValueError, match="between 2 and 16"):
+        quant.quantize(m, calib, w_bits=4, a_bits=17, rounding="nearest")
+    with pytest.raises(ValueError, match="tau must be"):
+        quant.quantize(m, calib, w_bits=4, tau=-0.1)
+    with pytest.raises(ValueError, match="unknown rounding 'truncate'"):
+        quant.quantize(m, calib, w_bits=4, rounding="truncate")
+    with pytest.raises(ValueError, match="fewer than the batch size 64"):
+        quant.quantize(m, calib[:10], w_bits=4, rounding="adaround")
+    bad = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LSTM(4, 4))
+    with pytest.raises(ValueError, match=r"'2' of type LSTM .* supported weight layers: Conv2d, Linear"):
+        quant.quantize(bad, calib, w_bits=4, rounding="nearest")
+    with pytest.raises(ValueError, match="missing layers"):
+        quant.quantize(m, calib, w_bits={"features.3": 4}, rounding="nearest")
+
+
+def test_tau_explorer_computes_eq2_and_eq6():
+    from math import erf, sqrt
+
+    from qlib import widgets
+
+    def Phi(x):
+        return 0.5 * (1 + erf(x / sqrt(2)))
+
+    d = widgets.tau_explorer_data(0.3, 0.5, bits=4)
+    assert list(d["grid"]) == list(range(-8, 8))
+    assert d["prob"][8] == pytest.approx(Phi((0.5 - 0.3) / 0.5) - Phi((-0.5 - 0.3) / 0.5))
+    assert d["prob"][9] == pytest.approx(Phi((1.5 - 0.3) / 0.5) - Phi((0.5 - 0.3) / 0.5))
+    assert d["prob"].sum() == pytest.approx(1.0)
+    mid = len(d["alpha"]) // 2
+    assert d["alpha"][mid] == pytest.approx(0, abs=1e-12) and d["factor_pos"][mid] == pytest.approx(0.5)
+    assert (d["factor_pos"] + d["factor_neg"]) == pytest.approx(1.0)
+    assert d["factor_pos"][-1] > 0.99 and d["factor_pos"][0] < 0.01  # Φ rises with α
+    d0 = widgets.tau_explorer_data(0.3, 0.0, bits=4)
+    assert d0["prob"][8] == 1.0
+    with pytest.raises(ValueError, match="tau must be"):
+        widgets.tau_explorer_data(0.3, -0.5)
+    box = widgets.tau_explorer()  # builds without a browser
+    assert len(box.children) == 2
