@@ -51,6 +51,19 @@ def _mathjax_dir() -> Path:
     return Path(jupyter_server_mathjax.__file__).parent / "static"
 
 
+def _stage_notebook(executed: Path, staged: Path) -> None:
+    """Copy an executed chapter for the book, hiding the parameters cell and the one
+    papermill injected (the prose states the profile through glue)."""
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if "parameters" in tags or "injected-parameters" in tags:
+            cell.metadata["tags"] = tags + ["remove-cell"]
+    nbformat.write(nb, staged)
+
+
 def build(executed_dir: Path = EXECUTED, out_dir: Path = BUILD) -> Path:
     """Stage the book sources with the executed notebooks and run ``jupyter-book build``.
 
@@ -69,7 +82,9 @@ def build(executed_dir: Path = EXECUTED, out_dir: Path = BUILD) -> Path:
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(REPO / name, src / name)
     shutil.copytree(REPO / "book", src / "book")
-    shutil.copytree(executed_dir, src / "notebooks")
+    (src / "notebooks").mkdir()
+    for nb in notebooks():
+        _stage_notebook(executed_dir / nb.name, src / "notebooks" / nb.name)
     # html_extra_path copies this tree verbatim into the output (→ _static/mathjax/); under
     # the book's own _static, Jupyter Book would add every MathJax file as a <script>.
     shutil.copytree(_mathjax_dir(), src / "_mathjax" / "_static" / "mathjax")
