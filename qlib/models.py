@@ -153,7 +153,7 @@ def layer_table(model: nn.Module, input_shape=(1, 1, 28, 28)) -> list[dict]:
     return rows
 
 
-def _device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -163,7 +163,7 @@ def _device(device: str | torch.device = "auto") -> torch.device:
 def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 1000,
              device: str | torch.device = "auto") -> float:
     """Top-1 accuracy of ``model`` on ``dataset``, a number in [0, 1]."""
-    dev = _device(device)
+    dev = resolve_device(device)
     images, labels = dataset.tensors
     was_training = model.training
     model.eval().to(dev)
@@ -196,7 +196,7 @@ def train(model: nn.Module, train_set: TensorDataset, test_set: TensorDataset | 
     set is given) and the total ``seconds``."""
     if epochs < 1:
         raise ValueError(f"epochs must be ≥ 1, got {epochs}")
-    dev = _device(device)
+    dev = resolve_device(device)
     g = torch.Generator().manual_seed(seed)
     images, labels = train_set.tensors
     steps_per_epoch = math.ceil(len(images) / batch_size)
@@ -270,7 +270,7 @@ def pretrained(arch: str, profile: str = "quick", dataset: str = "fashion-mnist"
         hist = train(model, train_set, test_set, device=device, desc=f"train {arch}", **settings)
         model.cpu()
         info = {"history": {k: hist[k] for k in ("train_loss", "train_acc", "test_acc")},
-                "seconds": hist["seconds"], "device": str(_device(device)),
+                "seconds": hist["seconds"], "device": str(resolve_device(device)),
                 "test_acc": hist["test_acc"][-1], "threads": torch.get_num_threads()}
         cache.save({"state_dict": model.state_dict(), "info": info, "spec": cache.key(spec)}, path)
         info = dict(info, from_cache=False)

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from qlib.models import resolve_device
 from qlib.rounding import (ROUNDINGS, adaround_beta, adaround_init, adaround_regularizer,
                            attention_round, check_bits, grid, rectified_sigmoid, round_fixed,
                            search_act_scale, search_weight_scale)
@@ -30,12 +31,6 @@ SUPPORTED = (nn.Conv2d, nn.Linear)
 _BLOCK_NAMES = ("BasicBlock", "Bottleneck", "InvertedResidual")
 # Modules with weights that quantize() leaves in float: a BatchNorm with no conv before it.
 _PASSIVE = (nn.BatchNorm2d,)
-
-
-def _device(device):
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # --- BatchNorm folding ---------------------------------------------------------------------
@@ -208,7 +203,7 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, module: nn.Module, data: torch.Tensor, batch_size: int,
+def capture(model: nn.Module, module: nn.Module, data: torch.Tensor, batch_size: int,
              dev: torch.device, want: str) -> torch.Tensor:
     """Run ``model`` on ``data`` and collect ``module``'s input or output, stopping the
     forward pass there (the rest of the network is not needed)."""
@@ -301,7 +296,7 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
         raise ValueError(f"iters must be an integer ≥ 0, got {iters!r}")
 
     start = time.perf_counter()
-    dev = _device(device)
+    dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     fp = fold_bn(model).to(dev)
     names = quantizable_layers(fp)
@@ -329,15 +324,15 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
     if a_bits is not None:  # initialise every activation step size on the float inputs
         for n in names[1:]:
             ql = q.get_submodule(n)
-            x_in = _capture(fp, fp.get_submodule(n), calib[:256], batch_size, dev, "input")
+            x_in = capture(fp, fp.get_submodule(n), calib[:256], batch_size, dev, "input")
             ql.act.init_from(x_in)
 
     losses = {}
     if learned:
         units = calibration_units(q)
         for k, u in enumerate(units):
-            x = _capture(q, q.get_submodule(u), calib, batch_size, dev, "input")
-            y = _capture(fp, fp.get_submodule(u), calib, batch_size, dev, "output")
+            x = capture(q, q.get_submodule(u), calib, batch_size, dev, "input")
+            y = capture(fp, fp.get_submodule(u), calib, batch_size, dev, "output")
             unit = q.get_submodule(u)
             with torch.enable_grad():
                 losses[u] = _reconstruct(unit, x, y, iters=iters, batch_size=batch_size, lr=lr,
