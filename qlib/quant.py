@@ -43,7 +43,7 @@ def fold_bn(model: nn.Module) -> nn.Module:
     in eval mode and matches the original's eval outputs to float rounding."""
     model = copy.deepcopy(model).eval()
     for parent in model.modules():
-        prev_name, prev = None, None
+        prev = None
         for name, child in list(parent.named_children()):
             if (isinstance(child, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d)
                     and prev.out_channels == child.num_features):
@@ -55,7 +55,7 @@ def fold_bn(model: nn.Module) -> nn.Module:
                 setattr(parent, name, nn.Identity())
                 prev = None
                 continue
-            prev_name, prev = name, child
+            prev = child
     return model
 
 
@@ -120,6 +120,7 @@ class QuantLayer(nn.Module):
         else:
             raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
         self.act = ActQuant(a_bits) if a_bits is not None else None
+        self.soft = False  # AdaRound trains through the soft h(V); set by the reconstruction
 
     def rounding_params(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters(recurse=False) if n in ("V", "alpha")]
@@ -147,10 +148,10 @@ class QuantLayer(nn.Module):
             if hasattr(self, n):
                 delattr(self, n)
 
-    def forward(self, x, soft: bool = False):
+    def forward(self, x):
         if self.act is not None:
             x = self.act(x)
-        w = self.weight(soft=soft or getattr(self, "_soft", False))
+        w = self.weight(soft=self.soft)
         if isinstance(self.layer, nn.Conv2d):
             m = self.layer
             return F.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)
@@ -239,7 +240,7 @@ def _reconstruct(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iters: in
         return []
     opt = torch.optim.Adam(groups)
     for q in qlayers:
-        q._soft = rounding == "adaround"
+        q.soft = rounding == "adaround"
     losses = []
     bar = tqdm(range(iters), desc=desc, leave=False, disable=not progress, mininterval=1.0)
     for step in bar:
@@ -257,7 +258,7 @@ def _reconstruct(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iters: in
         opt.step()
         losses.append(rec.item())
     for q in qlayers:
-        q._soft = False
+        q.soft = False
     return losses
 
 
