@@ -85,7 +85,7 @@ class ActQuant(nn.Module):
         g = 1.0 / (x[0].numel() * hi) ** 0.5
         s = self.scale * g + (self.scale * (1 - g)).detach()  # LSQ gradient scaling
         v = torch.clamp(x / s, lo, hi)
-        return (torch.round(v) - v).detach() * s + v * s
+        return (v + (torch.round(v) - v).detach()) * s  # straight-through round
 
 
 class QuantLayer(nn.Module):
@@ -205,31 +205,50 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def capture(model: nn.Module, module: nn.Module, data: torch.Tensor, batch_size: int,
-             dev: torch.device, want: str) -> torch.Tensor:
+            dev: torch.device, want: str) -> torch.Tensor:
     """Run ``model`` on ``data`` and collect ``module``'s input or output, stopping the
     forward pass there (the rest of the network is not needed)."""
-    chunks = []
+    return capture_many(model, [module], data, batch_size, dev, want)[0]
 
-    def hook(mod, inp, out):
-        chunks.append((inp[0] if want == "input" else out).detach())
-        raise _Stop
 
-    h = module.register_forward_hook(hook)
+@torch.no_grad()
+def capture_many(model: nn.Module, modules: list[nn.Module], data: torch.Tensor,
+                 batch_size: int, dev: torch.device, want: str) -> list[torch.Tensor]:
+    """Like :func:`capture` for several modules in one pass per batch: the forward stops
+    once every module has fired. Returns one tensor per module, in the order given."""
+    chunks: list[list[torch.Tensor]] = [[] for _ in modules]
+    fired: set[int] = set()
+
+    def make_hook(k):
+        def hook(mod, inp, out):
+            chunks[k].append((inp[0] if want == "input" else out).detach())
+            fired.add(k)
+            if len(fired) == len(modules):
+                raise _Stop
+        return hook
+
+    hooks = [m.register_forward_hook(make_hook(k)) for k, m in enumerate(modules)]
     try:
         for i in range(0, len(data), batch_size):
+            fired.clear()
             try:
                 model(data[i:i + batch_size].to(dev))
             except _Stop:
                 pass
     finally:
-        h.remove()
-    return torch.cat(chunks)
+        for h in hooks:
+            h.remove()
+    return [torch.cat(c) for c in chunks]
 
 
 def _reconstruct(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iters: int,
                  batch_size: int, lr: float, rounding: str, generator: torch.Generator,
-                 desc: str, progress: bool) -> list[float]:
-    """Minimise ‖f(x) − f̂(x)‖² over one unit's rounding variables and activation steps."""
+                 desc: str, progress: bool, cuda_graph: bool = True) -> list[float]:
+    """Minimise ‖f(x) − f̂(x)‖² over one unit's rounding variables and activation steps.
+
+    On a GPU the training step (gather, forward, backward, Adam) is captured once as a CUDA
+    graph and replayed: the small blocks of these models are otherwise bound by Python and
+    kernel-launch overhead, not by the GPU."""
     qlayers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
     round_params = [p for q in qlayers for p in q.rounding_params()]
     act_params = [q.act.scale for q in qlayers if q.act is not None and q.act.enabled]
@@ -238,28 +257,71 @@ def _reconstruct(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iters: in
         groups.append({"params": act_params, "lr": lr / 10})  # as BRECQ: steps learn slower
     if not groups or iters == 0:
         return []
-    opt = torch.optim.Adam(groups)
+    use_graph = cuda_graph and x.is_cuda and iters > _GRAPH_WARMUP
+    # fused Adam on a GPU: one kernel for all parameters; capturable so a graph can replay it
+    opt = (torch.optim.Adam(groups, fused=True, capturable=use_graph) if x.is_cuda
+           else torch.optim.Adam(groups))
     for q in qlayers:
         q.soft = rounding == "adaround"
-    losses = []
-    bar = tqdm(range(iters), desc=desc, leave=False, disable=not progress, mininterval=1.0)
-    for step in bar:
-        idx = torch.randint(0, len(x), (batch_size,), generator=generator).to(x.device)
+    # Every mini-batch drawn up front and moved once, and the losses kept on the device:
+    # the loop then makes no host-device copy and never waits for the GPU.
+    batches = torch.randint(0, len(x), (iters, batch_size), generator=generator).to(x.device)
+    losses = torch.empty(iters, device=x.device)
+
+    def step_fn(idx, beta, reg_weight):
         out = unit(x[idx])
         # ‖·‖² summed over channels, averaged over batch and positions (as BRECQ's lp_loss)
         rec = (out - y[idx]).pow(2).sum(1).mean()
         loss = rec
-        if rounding == "adaround":
-            beta = adaround_beta(step, iters)
-            if beta is not None:
-                loss = rec + 0.01 * sum(adaround_regularizer(q.V, beta) for q in qlayers)
-        opt.zero_grad(set_to_none=True)
+        if reg_weight is not None:
+            loss = rec + reg_weight * sum(adaround_regularizer(q.V, beta) for q in qlayers)
         loss.backward()
         opt.step()
-        losses.append(rec.item())
+        return rec.detach()
+
+    adaround = rounding == "adaround"
+
+    def schedule(step):  # AdaRound's β and regulariser weight (weight 0 in the warm-up)
+        beta = adaround_beta(step, iters)
+        return (20.0, 0.0) if beta is None else (beta, 0.01)
+
+    bar = tqdm(range(iters), desc=desc, leave=False, disable=not progress, mininterval=1.0)
+    if not use_graph:
+        for step in bar:
+            beta, reg_weight = schedule(step) if adaround else (None, 0.0)
+            opt.zero_grad(set_to_none=True)
+            losses[step] = step_fn(batches[step], beta, reg_weight or None)
+    else:
+        beta_t = torch.tensor(20.0, device=x.device)
+        reg_t = torch.tensor(0.0, device=x.device)
+        static_idx = batches[0].clone()
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        it = iter(bar)
+        with torch.cuda.stream(side):  # the first steps run eagerly: graphs need a warm-up
+            for step in range(_GRAPH_WARMUP):
+                next(it)
+                beta, reg_weight = schedule(step)
+                beta_t.fill_(beta), reg_t.fill_(reg_weight)
+                opt.zero_grad(set_to_none=True)
+                losses[step] = step_fn(batches[step], beta_t, reg_t if adaround else None)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            static_rec = step_fn(static_idx, beta_t, reg_t if adaround else None)
+        for step in it:
+            beta, reg_weight = schedule(step)
+            beta_t.fill_(beta), reg_t.fill_(reg_weight)
+            static_idx.copy_(batches[step])
+            graph.replay()
+            losses[step] = static_rec
     for q in qlayers:
         q.soft = False
-    return losses
+    return losses.tolist()
+
+
+_GRAPH_WARMUP = 3  # eager steps before a CUDA graph is captured (they count as training steps)
 
 
 def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | None = None,
@@ -323,17 +385,24 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
 
     calib = calib.to(dev)
     if a_bits is not None:  # initialise every activation step size on the float inputs
-        for n in names[1:]:
-            ql = q.get_submodule(n)
-            x_in = capture(fp, fp.get_submodule(n), calib[:256], batch_size, dev, "input")
-            ql.act.init_from(x_in)
+        inputs = capture_many(fp, [fp.get_submodule(n) for n in names[1:]], calib[:256],
+                              batch_size, dev, "input")
+        for n, x_in in zip(names[1:], inputs):
+            q.get_submodule(n).act.init_from(x_in)
+        del inputs
 
     losses = {}
     if learned:
         units = calibration_units(q)
+        # The float model's unit outputs (the targets) never change: one pass for all of them.
+        # Each unit's input comes from the quantized model as calibrated so far, so it is
+        # captured afresh, once per unit, after the units before it are frozen.
+        targets = capture_many(fp, [fp.get_submodule(u) for u in units], calib, batch_size,
+                               dev, "output")
         for k, u in enumerate(units):
             x = capture(q, q.get_submodule(u), calib, batch_size, dev, "input")
-            y = capture(fp, fp.get_submodule(u), calib, batch_size, dev, "output")
+            y = targets[k]
+            targets[k] = None  # free each target once its unit is done
             unit = q.get_submodule(u)
             with torch.enable_grad():
                 losses[u] = _reconstruct(unit, x, y, iters=iters, batch_size=batch_size, lr=lr,

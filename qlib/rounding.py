@@ -32,7 +32,7 @@ def grid(bits: int, signed: bool = True) -> tuple[int, int]:
     return 0, 2 ** bits - 1
 
 
-def fake_quant(w: torch.Tensor, s: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
+def fake_quant(w: torch.Tensor, s: torch.Tensor | float, bits: int, signed: bool = True) -> torch.Tensor:
     """Round-to-nearest quantize-dequantize: s · clip(⌊w/s⌉, l, h)."""
     lo, hi = grid(bits, signed)
     return s * torch.clamp(torch.round(w / s), lo, hi)
@@ -66,14 +66,13 @@ def search_act_scale(x: torch.Tensor, bits: int, signed: bool, n_candidates: int
     max_abs = float(x.abs().max().clamp_min(1e-8))
     xs = x.flatten()
     if xs.numel() > 1_000_000:  # a fixed random sample keeps the search cheap on big maps
-        xs = xs[torch.randperm(xs.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
-    best, best_s = float("inf"), max_abs / hi
-    for r in torch.linspace(1.0 / n_candidates, 1.0, n_candidates).tolist():
-        s = r * max_abs / hi
-        err = float((fake_quant(xs, torch.tensor(s), bits, signed) - xs).pow(2).mean())
-        if err < best:
-            best, best_s = err, s
-    return best_s
+        keep = torch.randperm(xs.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]
+        xs = xs[keep.to(xs.device)]
+    ratios = torch.linspace(1.0 / n_candidates, 1.0, n_candidates).tolist()
+    # all candidates' errors stay on the device; one argmin at the end (no per-candidate sync)
+    errs = torch.stack([(fake_quant(xs, r * max_abs / hi, bits, signed) - xs).pow(2).mean()
+                        for r in ratios])
+    return float(ratios[int(errs.argmin())]) * max_abs / hi
 
 
 def round_fixed(v: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -133,8 +132,8 @@ def backward_factor(alpha: torch.Tensor, sigma, grad_positive: torch.Tensor) -> 
     steps. σ = 0 (τ = 0) is the limit: a step function, ½ at α = 0."""
     sigma = torch.as_tensor(sigma, dtype=alpha.dtype, device=alpha.device)
     safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-    phi = torch.where(sigma > 0, std_normal_cdf(alpha / safe),
-                      torch.heaviside(alpha, torch.tensor(0.5, dtype=alpha.dtype, device=alpha.device)))
+    step = (torch.sign(alpha) + 1) / 2  # the τ → 0 limit: 0, ½, 1 (no host tensor in the loop)
+    phi = torch.where(sigma > 0, std_normal_cdf(alpha / safe), step)
     return torch.where(grad_positive, phi, 1 - phi)
 
 
