@@ -221,7 +221,9 @@ def capture_many(model: nn.Module, modules: list[nn.Module], data: torch.Tensor,
 
     def make_hook(k):
         def hook(mod, inp, out):
-            chunks[k].append((inp[0] if want == "input" else out).detach())
+            # a copy: the forward goes on past this module, and an in-place op further on
+            # (VGG's ReLU(inplace=True) after a conv) would otherwise overwrite what we keep
+            chunks[k].append((inp[0] if want == "input" else out).detach().clone())
             fired.add(k)
             if len(fired) == len(modules):
                 raise _Stop

@@ -125,6 +125,21 @@ def test_quantize_leaves_input_untouched_and_is_deterministic():
     assert layers[0].act is None and layers[-1].act.bits == 8 and layers[1].act.bits == 4
 
 
+def test_capture_many_matches_one_at_a_time_despite_inplace_relu():
+    # VGG's convs are followed by ReLU(inplace=True): a capture that lets the forward run on
+    # must not hand back the conv outputs after the ReLU has overwritten them
+    m = quant.fold_bn(_randomise_bn(models.build("vgg")))
+    convs = [x for x in m.modules() if isinstance(x, nn.Conv2d)]
+    data = torch.randn(40, 1, 28, 28)
+    for want in ("input", "output"):
+        together = quant.capture_many(m, convs, data, 16, torch.device("cpu"), want)
+        for conv, got in zip(convs, together):
+            alone = quant.capture(m, conv, data, 16, torch.device("cpu"), want)
+            assert torch.equal(got, alone)
+    outs = quant.capture_many(m, convs, data, 16, torch.device("cpu"), "output")
+    assert all((o < 0).any() for o in outs)  # pre-ReLU outputs, negatives kept
+
+
 def test_reconstruction_reduces_block_error():
     m = _randomise_bn(models.build("vgg"))
     calib = torch.randn(128, 1, 28, 28)
