@@ -71,3 +71,76 @@ def tau_explorer(v: float = 0.3, tau: float = 0.5, bits: int = 4):
         s.observe(redraw, names="value")
     redraw()
     return W.VBox([W.HBox([v_s, t_s, b_s]), out])
+
+
+# --- the bit-list picker (chapter 4) ----------------------------------------------------------
+
+def bit_picker_data(model, bitlist, eps2: float) -> dict:
+    """What the bit-list picker shows: every layer's coding length (eq. 12), Algorithm 1's
+    allocation for ``bitlist`` and ``eps2``, the model size (Table 4's count, MB) and, for
+    comparison, the size of each single-precision model with a width from the list."""
+    from qlib import mixed
+
+    bits = mixed.allocate_bits(model, bitlist, eps2)
+    return {"lengths": mixed.layer_coding_lengths(model, eps2), "bits": bits,
+            "size_mb": mixed.model_size_mb(model, bits),
+            "uniform_mb": {b: mixed.model_size_mb(model, b) for b in mixed.normalize_bitlist(bitlist)},
+            "bitlist": mixed.normalize_bitlist(bitlist), "eps2": eps2}
+
+
+def plot_bit_allocation(d: dict, ax=None, first_last_bits: int = 8, title: str | None = None):
+    """Bars of bits per layer (first and last layers hatched at their fixed 8 bits;
+    downsample/shortcut 1×1 layers in orange), coding length as a line on a second axis."""
+    import matplotlib.pyplot as plt
+
+    names = list(d["lengths"])
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 3.6))
+    bits = [d["bits"].get(n, first_last_bits) for n in names]
+    fixed = [n not in d["bits"] for n in names]
+    shortcut = ["downsample" in n or "shortcut" in n for n in names]
+    colors = ["tab:orange" if s else "lightgray" if f else "tab:blue" for s, f in zip(shortcut, fixed)]
+    bars = ax.bar(range(len(names)), bits, color=colors)
+    for b, f in zip(bars, fixed):
+        if f:
+            b.set_hatch("//")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("bits")
+    ax.set_ylim(0, max(bits) + 1)
+    ax2 = ax.twinx()
+    ax2.plot(range(len(names)), list(d["lengths"].values()), color="black", marker=".", lw=1)
+    ax2.set_ylabel("coding length L (bits)")
+    ax2.grid(False)
+    ax.set_title(title or f"bits {d['bitlist']}, ε² = {d['eps2']:g}: {1e3 * d['size_mb']:.2f} kB")
+    return ax
+
+
+def bit_picker(model, bitlist=(3, 4, 5, 6), eps2: float = 1e-3):
+    """Toggle buttons for the candidate widths 2..8 and an ε² slider, driving the per-layer
+    allocation plot and the model size against single precision."""
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    toggles = {b: W.ToggleButton(value=b in bitlist, description=str(b), layout=W.Layout(width="42px"))
+               for b in range(2, 9)}
+    e_s = W.FloatLogSlider(value=eps2, base=10, min=-5, max=1, step=0.25, description="ε²")
+    out = W.Output()
+
+    def redraw(*_):
+        with out:
+            out.clear_output(wait=True)
+            chosen = [b for b, t in toggles.items() if t.value]
+            if not chosen:
+                print("pick at least one bit width")
+                return
+            d = bit_picker_data(model, chosen, e_s.value)
+            plot_bit_allocation(d)
+            plt.tight_layout()
+            plt.show()
+            print(f"model size {1e3 * d['size_mb']:.2f} kB; single precision: " +
+                  ", ".join(f"{b} bits {1e3 * s:.2f} kB" for b, s in d["uniform_mb"].items()))
+
+    for w in [*toggles.values(), e_s]:
+        w.observe(redraw, names="value")
+    redraw()
+    return W.VBox([W.HBox([W.Label("bit widths"), *toggles.values()]), e_s, out])

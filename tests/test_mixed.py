@@ -1,0 +1,148 @@
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qlib import mixed, models, widgets
+
+
+def direct_length(W, eps2):
+    n, m = W.shape
+    W = W.double()
+    A = torch.eye(n, dtype=torch.float64) + n / (m * eps2) * W @ W.T
+    return 0.5 * torch.logdet(A).item() / math.log(2.0)
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (40, 6), (12, 12), (1, 5), (5, 1)])
+@pytest.mark.parametrize("eps2", [1e-3, 0.1, 2.0])
+def test_coding_length_is_eq12(shape, eps2):
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    assert mixed.coding_length(W, eps2) == pytest.approx(direct_length(W, eps2), rel=1e-9, abs=1e-9)
+
+
+def test_coding_length_gram_trick_is_transpose_invariant():
+    # L(W) uses c = n/(mε²); with c fixed, det(I + cWWᵀ) = det(I + cWᵀW): swap n and m and
+    # rescale ε² so c is unchanged, and the length must not move
+    W = torch.randn(30, 7, generator=torch.Generator().manual_seed(1))
+    n, m = W.shape
+    eps2 = 0.05
+    c = n / (m * eps2)
+    eps2_t = m / (n * c)
+    assert mixed.coding_length(W, eps2) == pytest.approx(mixed.coding_length(W.T, eps2_t), rel=1e-12)
+
+
+def test_coding_length_bad_input():
+    with pytest.raises(ValueError, match="eps2"):
+        mixed.coding_length(torch.ones(3, 3), 0.0)
+    with pytest.raises(ValueError, match="n × m"):
+        mixed.coding_length(torch.ones(3), 1.0)
+
+
+def test_conv_weight_axes():
+    w = torch.randn(16, 8, 3, 3)
+    V = mixed.as_vectors(w)
+    assert V.shape == (8 * 9, 16)  # n = C_in·k·k dimensions, m = C_out vectors
+    assert torch.equal(V[:, 5], w[5].flatten())
+
+
+def test_cluster_1d_is_optimal_on_small_cases():
+    g = torch.Generator().manual_seed(2)
+    for trial in range(20):
+        x = torch.rand(7, generator=g).tolist()
+        k = 3
+        labels = mixed.cluster_1d(x, k)
+
+        def sse(lab):
+            tot = 0.0
+            for c in set(lab):
+                pts = [v for v, l in zip(x, lab) if l == c]
+                mu = sum(pts) / len(pts)
+                tot += sum((p - mu) ** 2 for p in pts)
+            return tot
+        best = min(sse(lab) for lab in itertools.product(range(k), repeat=len(x)) if len(set(lab)) == k)
+        assert sse(labels) == pytest.approx(best, abs=1e-12)
+        # cluster 0 holds the smallest values: labels are monotone in the values
+        pairs = sorted(zip(x, labels))
+        assert [l for _, l in pairs] == sorted(l for _, l in pairs)
+
+
+class Net(nn.Module):
+    """first conv, two middle convs of equal shape (one structured, one near rank one), last."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(1, 8, 3)
+        self.rich = nn.Conv2d(8, 8, 3)
+        self.poor = nn.Conv2d(8, 8, 3)
+        self.mid = nn.Conv2d(8, 8, 3)
+        self.last = nn.Linear(8, 2)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.rich.weight.copy_(torch.randn(8, 8, 3, 3, generator=g) * 0.3)
+            v = torch.randn(1, 8, 3, 3, generator=g) * 0.3
+            self.poor.weight.copy_(v.repeat(8, 1, 1, 1) + 1e-4 * torch.randn(8, 8, 3, 3, generator=g))
+            self.mid.weight.copy_(torch.randn(8, 8, 3, 3, generator=g) * 0.1)
+
+    def forward(self, x):
+        return self.last(self.mid(self.poor(self.rich(self.first(x)))).mean((2, 3)))
+
+
+def test_allocate_bits_gives_structure_more_bits_and_is_deterministic():
+    net = Net()
+    a1 = mixed.allocate_bits(net, [6, 3, 4, 3], eps2=1e-3)  # unsorted, duplicated: normalised
+    a2 = mixed.allocate_bits(net, [3, 4, 6], eps2=1e-3)
+    assert a1 == a2
+    assert set(a1) == {"rich", "poor", "mid"}  # first and last stay at 8 bits in quantize()
+    assert a1["rich"] > a1["poor"]
+    assert a1["poor"] == 3 and a1["rich"] == 6
+
+
+def test_allocate_bits_edge_cases():
+    net = Net()
+    with pytest.raises(ValueError, match="empty"):
+        mixed.allocate_bits(net, [], eps2=1e-3)
+    with pytest.raises(ValueError, match="between 2 and 16"):
+        mixed.allocate_bits(net, [1, 4], eps2=1e-3)
+    one = mixed.allocate_bits(net, [5], eps2=1e-3)
+    assert set(one.values()) == {5}
+    # three layers, seven widths: at most three clusters, spread over the list
+    many = mixed.allocate_bits(net, [2, 3, 4, 5, 6, 7, 8], eps2=1e-3)
+    assert len(set(many.values())) <= 3 and all(2 <= b <= 8 for b in many.values())
+    # identical layers: one distinct length, one cluster, the middle width
+    same = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        same[2].weight.copy_(same[1].weight)
+    assert set(mixed.allocate_bits(same, [3, 4, 5], eps2=1e-2).values()) == {4}
+
+
+def test_model_size_by_hand():
+    net = Net()  # convs: first 8·1·9 = 72, rich/poor/mid 8·8·9 = 576 each; linear 16
+    bits = {"rich": 3, "poor": 4, "mid": 5}
+    expected = (72 * 8 + 576 * 3 + 576 * 4 + 576 * 5) / 8 / 1e6
+    assert mixed.model_size_mb(net, bits) == pytest.approx(expected)
+    assert mixed.model_size_mb(net, 4) == pytest.approx((72 * 8 + 3 * 576 * 4) / 8 / 1e6)
+    assert mixed.model_size_mb(net, bits, include_linear=True) == pytest.approx(expected + 16 * 8 / 8 / 1e6)
+
+
+def test_greedy_meets_budget_and_spends_it():
+    m = models.build("resnet")
+    budget = mixed.model_size_mb(m, 4)
+    alloc = mixed.allocate_greedy(m, [3, 4, 5, 6], budget)
+    size = mixed.model_size_mb(m, alloc)
+    assert size <= budget + 1e-12
+    assert size > mixed.model_size_mb(m, 3)
+    assert len(set(alloc.values())) > 1
+
+
+def test_bit_picker_data_sizes():
+    net = Net()
+    d = widgets.bit_picker_data(net, [3, 5], eps2=1e-3)
+    assert d["bits"] == mixed.allocate_bits(net, [3, 5], eps2=1e-3)
+    assert d["size_mb"] == pytest.approx(mixed.model_size_mb(net, d["bits"]))
+    assert d["uniform_mb"] == {3: pytest.approx(mixed.model_size_mb(net, 3)),
+                               5: pytest.approx(mixed.model_size_mb(net, 5))}
+    assert list(d["lengths"]) == ["first", "rich", "poor", "mid", "last"]
+    with pytest.raises(ValueError, match="empty"):
+        widgets.bit_picker_data(net, [], eps2=1e-3)
