@@ -55,6 +55,25 @@ def test_float_models_reach_target_accuracy():
         assert float(values[f"{arch}_float_acc"]) >= 89.0, f"{arch} float accuracy below 89%"
 
 
+def _values(stem):
+    path = book.EXECUTED / f"{stem}.ipynb"
+    if not path.exists():
+        pytest.skip(f"{stem} was not executed")
+    return glued(nbformat.read(path, as_version=4))
+
+
+def test_chapter3_learned_rounding_rescues_low_bits():
+    v = _values("03_attention_round_ptq")
+    assert float(v["w2_min_gain"]) > 20.0, "Attention Round should recover W2 far beyond nearest rounding"
+    assert float(v["w4_max_drop"]) < 1.5, "Attention Round at W4A32 should stay within 1.5 points of float"
+
+
+def test_chapter4_coding_length_and_sizes():
+    v = _values("04_mixed_precision")
+    assert float(v["check_max_diff"]) < 1e-6, "eq. 12 via the Gram matrix disagrees with the direct determinant"
+    assert float(v["size_min"]) < float(v["size_max"]), "ε² should move the ResNet's size"
+
+
 def test_book_builds():
     html = book.build()
     index = html / "index.html"
