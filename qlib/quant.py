@@ -243,6 +243,9 @@ def capture_many(model: nn.Module, modules: list[nn.Module], data: torch.Tensor,
     return [torch.cat(c) for c in chunks]
 
 
+_GRAPH_WARMUP = 3  # eager steps before a CUDA graph is captured (they count as training steps)
+
+
 def _reconstruct(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iters: int,
                  batch_size: int, lr: float, rounding: str, generator: torch.Generator,
                  desc: str, progress: bool, cuda_graph: bool = True) -> list[float]:
@@ -304,7 +307,8 @@ def _reconstruct(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iters: in
             for step in range(_GRAPH_WARMUP):
                 next(it)
                 beta, reg_weight = schedule(step)
-                beta_t.fill_(beta), reg_t.fill_(reg_weight)
+                beta_t.fill_(beta)
+                reg_t.fill_(reg_weight)
                 opt.zero_grad(set_to_none=True)
                 losses[step] = step_fn(batches[step], beta_t, reg_t if adaround else None)
         torch.cuda.current_stream(x.device).wait_stream(side)
@@ -314,16 +318,14 @@ def _reconstruct(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iters: in
             static_rec = step_fn(static_idx, beta_t, reg_t if adaround else None)
         for step in it:
             beta, reg_weight = schedule(step)
-            beta_t.fill_(beta), reg_t.fill_(reg_weight)
+            beta_t.fill_(beta)
+            reg_t.fill_(reg_weight)
             static_idx.copy_(batches[step])
             graph.replay()
             losses[step] = static_rec
     for q in qlayers:
         q.soft = False
     return losses.tolist()
-
-
-_GRAPH_WARMUP = 3  # eager steps before a CUDA graph is captured (they count as training steps)
 
 
 def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | None = None,
