@@ -126,10 +126,6 @@ def allocate_bits(model: nn.Module, bitlist, eps2: float, *, center: bool = Fals
     return {n: chosen[c] for n, c in zip(names, labels)}
 
 
-def _conv_params(model: nn.Module) -> dict[str, int]:
-    return {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-
-
 def model_size_mb(model: nn.Module, bits, *, include_linear: bool = False,
                   first_last_bits: int = 8) -> float:
     """Σ params × bits / 8 over the quantized Conv2d layers, in MB (10⁶ bytes), as the paper's

@@ -81,11 +81,12 @@ def bit_picker_data(model, bitlist, eps2: float) -> dict:
     comparison, the size of each single-precision model with a width from the list."""
     from qlib import mixed
 
-    bits = mixed.allocate_bits(model, bitlist, eps2)
+    widths = mixed.normalize_bitlist(bitlist)
+    bits = mixed.allocate_bits(model, widths, eps2)
     return {"lengths": mixed.layer_coding_lengths(model, eps2), "bits": bits,
             "size_mb": mixed.model_size_mb(model, bits),
-            "uniform_mb": {b: mixed.model_size_mb(model, b) for b in mixed.normalize_bitlist(bitlist)},
-            "bitlist": mixed.normalize_bitlist(bitlist), "eps2": eps2}
+            "uniform_mb": {b: mixed.model_size_mb(model, b) for b in widths},
+            "bitlist": widths, "eps2": eps2}
 
 
 def plot_bit_allocation(d: dict, ax=None, first_last_bits: int = 8, title: str | None = None):
