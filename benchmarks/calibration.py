@@ -59,7 +59,7 @@ def main() -> None:
                    help="run under torch.profiler and print the 25 most expensive operators")
     args = p.parse_args()
     dev = models.resolve_device(args.device)
-    print(f"device: {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}"
+    print(f"device: {models.describe_device(dev)}"
           f"; torch {torch.__version__}; images {args.images}, batch {args.batch_size}, "
           f"{args.iters} iters/module, W4A{args.a_bits or 32}")
     print(f"{'model':14s} {'modules':>7s} {'wall s':>9s} {'it/s':>8s} {'s/module':>9s} {'peak MB':>9s}")

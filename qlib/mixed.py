@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from qlib.quant import fold_bn, quantizable_layers
+from qlib.graph import fold_bn, quantizable_layers
 from qlib.rounding import check_bits, fake_quant, search_weight_scale
 
 

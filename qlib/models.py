@@ -26,6 +26,14 @@ from tqdm.auto import tqdm
 from qlib import cache, profiles
 
 ARCHS = ("resnet", "mobilenetv2", "vgg")
+# How tables and figures name architectures and methods.
+DISPLAY_NAMES = {"resnet": "ResNet", "mobilenetv2": "MobileNetV2", "vgg": "VGG",
+                 "nearest": "Nearest", "adaround": "AdaRound", "attention": "Attention Round"}
+
+
+def display_name(key: str) -> str:
+    """"ResNet" for "resnet", "Attention Round" for "attention"; anything else unchanged."""
+    return DISPLAY_NAMES.get(key, key)
 
 
 class ResNet(nn.Module):
@@ -159,6 +167,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def describe_device(device: str | torch.device = "auto") -> str:
+    """"NVIDIA H100 80GB HBM3" or "CPU, 2 threads": what a result was measured on."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 250,
              device: str | torch.device = "auto") -> float:
@@ -245,7 +261,7 @@ def train(model: nn.Module, train_set: TensorDataset, test_set: TensorDataset | 
 
 def _spec(arch: str, profile: str, dataset: str) -> dict:
     return {"arch": arch, "dataset": dataset, "profile": profile,
-            "train": profiles.get(profile)["train"], "model_repr": repr(build(arch))}
+            "train": profiles.get(profile).train.as_dict(), "model_repr": repr(build(arch))}
 
 
 def pretrained(arch: str, profile: str = "quick", dataset: str = "fashion-mnist",
@@ -265,7 +281,7 @@ def pretrained(arch: str, profile: str = "quick", dataset: str = "fashion-mnist"
         model.load_state_dict(record["state_dict"])
         info = dict(record["info"], from_cache=True)
     else:
-        settings = profiles.get(profile)["train"]
+        settings = profiles.get(profile).train.as_dict()
         torch.manual_seed(settings["seed"])
         model = build(arch)
         train_set, test_set = data.load(dataset, "train"), data.load(dataset, "test")

@@ -1,82 +1,74 @@
-"""Post-training quantization of a whole model: BN folding, quantized layers, and
-module-by-module reconstruction with any of the six rounding functions.
+"""Post-training quantization of a whole model: the user's entry point.
 
 The recipe is the paper's §4.1: BatchNorm folded into the convolutions; weight step sizes
 per output channel by minimising ‖W − Ŵ‖² under nearest rounding; first and last layers at
-8 bits; each module (a residual block, an inverted-residual block, or a lone conv/linear
-layer) calibrated in turn by minimising ‖f(x) − f̂(x)‖² with Adam, where x is the module's
-input in the *quantized* model so far and f(x) the *float* module's output; activation step
-sizes initialised by an MSE search and learned (LSQ) during reconstruction.
+8 bits; each unit (a residual block, an inverted-residual block, or a lone conv/linear
+layer) calibrated in turn by minimising ‖f(x) − f̂(x)‖² with Adam; activation step sizes
+initialised by an MSE search and learned (LSQ) during reconstruction.
 
     qmodel = quantize(model, calib, w_bits=4, a_bits=4, rounding="attention", iters=2000)
+    save(qmodel, "resnet-w4a4.pt"); qmodel = load("resnet-w4a4.pt", "resnet")
+    export(qmodel)   # {layer: integer weights, per-channel scale, bits, activation step}
+
+A quantized model is an artefact: every QuantLayer holds its integer weights and scales as
+buffers and its bit widths as extra state, so ``state_dict``, ``.to(device)`` and
+``torch.load(weights_only=True)`` carry all of it, and the calibration report travels in
+the state dict too (``quant_report``).
 """
 from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from qlib import cache
+from qlib.capture import capture, capture_many  # noqa: F401 (API: chapters use quant.capture)
+from qlib.graph import (DEFAULT_BLOCKS, calibration_units, check_blocks, fold_bn,  # noqa: F401
+                        quantizable_layers, set_module)
 from qlib.models import resolve_device
-from qlib.rounding import (ROUNDINGS, adaround_beta, adaround_init, adaround_regularizer,
-                           attention_round, check_bits, grid, rectified_sigmoid, round_fixed,
-                           search_act_scale, search_weight_scale)
+from qlib.recon import reconstruct
+from qlib.rounding import (ROUNDINGS, adaround_init, attention_round, check_bits, grid,
+                           rectified_sigmoid, round_fixed, search_act_scale, search_weight_scale)
 from qlib.rounding import AttentionRound, attention_probabilities, backward_factor  # noqa: F401 (API)
 
-SUPPORTED = (nn.Conv2d, nn.Linear)
-# Modules calibrated as one unit: their internal layers are optimised jointly.
-_BLOCK_NAMES = ("BasicBlock", "Bottleneck", "InvertedResidual")
-# Modules with weights that quantize() leaves in float: a BatchNorm with no conv before it.
-_PASSIVE = (nn.BatchNorm2d,)
+FIXED = ("nearest", "floor", "ceil", "stochastic")  # no calibration
+LEARNED = ("adaround", "attention")                  # block reconstruction
+FORMAT = "qlib.quant/1"
 
 
-# --- BatchNorm folding ---------------------------------------------------------------------
-
-@torch.no_grad()
-def fold_bn(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every BatchNorm2d folded into the Conv2d registered just
-    before it (conv then BN is how torchvision and our models build their layers):
-    W' = W·γ/√(σ²+ε), b' = (b − μ)·γ/√(σ²+ε) + β; the BN becomes an Identity. The copy is
-    in eval mode and matches the original's eval outputs to float rounding."""
-    model = copy.deepcopy(model).eval()
-    for parent in model.modules():
-        prev = None
-        for name, child in list(parent.named_children()):
-            if (isinstance(child, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d)
-                    and prev.out_channels == child.num_features):
-                scale = child.weight / torch.sqrt(child.running_var + child.eps)
-                prev.weight.mul_(scale.view(-1, 1, 1, 1))
-                bias = prev.bias if prev.bias is not None else torch.zeros_like(child.running_mean)
-                new_bias = (bias - child.running_mean) * scale + child.bias
-                prev.bias = nn.Parameter(new_bias)
-                setattr(parent, name, nn.Identity())
-                prev = None
-                continue
-            prev = child
-    return model
+def int_dtype(bits: int) -> torch.dtype:
+    """The narrowest signed integer type that holds a ``bits``-bit grid."""
+    return torch.int8 if check_bits(bits) <= 8 else torch.int16
 
 
-# --- quantized layer -----------------------------------------------------------------------
+# --- quantized layers ----------------------------------------------------------------------
 
 class ActQuant(nn.Module):
     """Uniform activation quantizer with a learned step size (LSQ, Esser et al. 2020):
     round-to-nearest with a straight-through gradient, the step's gradient scaled by
-    1/√(numel · h)."""
+    1/√(numel · h). ``bits``, ``signed`` and ``enabled`` are extra state (in state_dict)."""
 
     def __init__(self, bits: int):
         super().__init__()
-        self.bits = bits
+        self.bits = check_bits(bits, "a_bits")
         self.signed = True
-        self.scale = nn.Parameter(torch.tensor(1.0))
         self.enabled = False
+        self.scale = nn.Parameter(torch.tensor(1.0))
 
     def init_from(self, x: torch.Tensor) -> None:
         self.signed = bool(x.min() < 0)
         self.scale.data.fill_(search_act_scale(x, self.bits, self.signed))
         self.enabled = True
+
+    def get_extra_state(self) -> dict:
+        return {"bits": self.bits, "signed": self.signed, "enabled": self.enabled}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.bits, self.signed, self.enabled = state["bits"], state["signed"], state["enabled"]
 
     def forward(self, x):
         if not self.enabled:
@@ -87,49 +79,78 @@ class ActQuant(nn.Module):
         v = torch.clamp(x / s, lo, hi)
         return (v + (torch.round(v) - v).detach()) * s  # straight-through round
 
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, enabled={self.enabled}"
+
 
 class QuantLayer(nn.Module):
-    """A Conv2d or Linear whose weight is quantized with one of the six rounding functions,
-    and whose input is optionally quantized by an :class:`ActQuant`."""
+    """A Conv2d or Linear with a quantized weight ŵ = scale · w_int and, optionally, a
+    quantized input (:class:`ActQuant`).
 
-    def __init__(self, layer: nn.Module, w_bits: int, a_bits: int | None, rounding: str,
-                 tau: float = 0.5, tau_units: str = "grid", generator: torch.Generator | None = None):
+    Built from a float layer it is a finished layer's skeleton: ``w_int`` (int8, int16 above
+    8 bits), ``scale`` (per output channel) and ``bias`` buffers. :meth:`start` adds the
+    calibration state of a rounding function (v = w/s and AdaRound's V or Attention Round's
+    α); :meth:`finalize` freezes it into ``w_int`` and drops it."""
+
+    def __init__(self, layer: nn.Module, w_bits: int, a_bits: int | None = None):
         super().__init__()
-        self.layer = layer
-        self.w_bits, self.rounding = w_bits, rounding
-        layer.weight.requires_grad_(False)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
-        w = layer.weight.data
-        self.register_buffer("scale", search_weight_scale(w, w_bits))
-        self.lo, self.hi = grid(w_bits, True)
-        v = w / self.scale
-        self.register_buffer("v", v)
-        self.w_int = None  # final integer weights, set by finalize()
-        if rounding in ("nearest", "floor", "ceil", "stochastic"):
-            self.w_int = torch.clamp(round_fixed(v, rounding, generator), self.lo, self.hi)
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise ValueError(f"QuantLayer takes a Conv2d or Linear, got {type(layer).__name__}")
+        if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+            raise ValueError(f"Conv2d with padding_mode={layer.padding_mode!r} cannot be quantized; "
+                             "only zero padding is supported")
+        self.w_bits, self.rounding = check_bits(w_bits, "w_bits"), "nearest"
+        self.conv = (dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                          groups=layer.groups) if isinstance(layer, nn.Conv2d) else None)
+        w = layer.weight.detach()
+        self.register_buffer("w_int", torch.zeros(w.shape, dtype=int_dtype(self.w_bits), device=w.device))
+        self.register_buffer("scale", torch.ones(w.shape[0], *([1] * (w.dim() - 1)), device=w.device))
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        self.register_buffer("v", None)  # w/s while a learned rounding is being calibrated
+        self.act = ActQuant(a_bits) if a_bits is not None else None
+        self.soft = False  # AdaRound trains through the soft h(V); set by the reconstruction
+
+    @property
+    def lo(self) -> int:
+        return grid(self.w_bits, True)[0]
+
+    @property
+    def hi(self) -> int:
+        return grid(self.w_bits, True)[1]
+
+    @torch.no_grad()
+    def start(self, weight: torch.Tensor, rounding: str, tau: float = 0.5, tau_units: str = "grid",
+              generator: torch.Generator | None = None) -> "QuantLayer":
+        """Search the step sizes for ``weight`` and set up ``rounding``: a fixed rule rounds
+        at once (the layer is final); AdaRound and Attention Round get their variables."""
+        self.rounding = rounding
+        self.scale = search_weight_scale(weight, self.w_bits)
+        v = weight / self.scale
+        if rounding in FIXED:
+            self.w_int = torch.clamp(round_fixed(v, rounding, generator), self.lo, self.hi).to(self.w_int.dtype)
         elif rounding == "adaround":
+            self.v = v
             self.V = nn.Parameter(adaround_init(v))
         elif rounding == "attention":
+            self.v = v
             # σ, the std of α in grid steps: τ itself (the book's reading), or τ/s per output
             # channel (the literal reading, τ in weight units)
             sigma = torch.as_tensor(float(tau)) if tau_units == "grid" else tau / self.scale
-            self.register_buffer("sigma", sigma.to(w.dtype))
-            noise = torch.randn(v.shape, generator=generator)
-            self.alpha = nn.Parameter(noise * sigma)  # α ~ N(0, σ²), σ in grid steps
+            self.register_buffer("sigma", sigma.to(weight.dtype).to(weight.device))
+            noise = torch.randn(v.shape, generator=generator).to(v.device)
+            self.alpha = nn.Parameter(noise * self.sigma)  # α ~ N(0, σ²), σ in grid steps
         else:
             raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
-        self.act = ActQuant(a_bits) if a_bits is not None else None
-        self.soft = False  # AdaRound trains through the soft h(V); set by the reconstruction
+        return self
 
     def rounding_params(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters(recurse=False) if n in ("V", "alpha")]
 
     def integer_weight(self, soft: bool = False) -> torch.Tensor:
-        """The weight on the integer grid (clipped). AdaRound uses the soft h(V) while it is
-        being trained (``soft=True``), its hard 0/1 choice otherwise."""
-        if self.w_int is not None:
-            return self.w_int
+        """The weight on the integer grid (clipped), as floats. While AdaRound is trained
+        (``soft=True``) its soft h(V), its hard 0/1 choice otherwise."""
+        if self.v is None:
+            return self.w_int.to(self.scale.dtype)
         if self.rounding == "adaround":
             h = rectified_sigmoid(self.V) if soft else (self.V >= 0).to(self.v.dtype)
             z = torch.floor(self.v) + h
@@ -138,212 +159,79 @@ class QuantLayer(nn.Module):
         return torch.clamp(z, self.lo, self.hi)
 
     def weight(self, soft: bool = False) -> torch.Tensor:
+        """ŵ = scale · w_int (eq. 3's ŵ for Attention Round)."""
         return self.scale * self.integer_weight(soft)
 
     @torch.no_grad()
     def finalize(self) -> None:
-        """Freeze the learned rounding into integers; drop the training state."""
-        self.w_int = self.integer_weight(soft=False).clone()
-        for n in ("V", "alpha"):
-            if hasattr(self, n):
-                delattr(self, n)
+        """Freeze the learned rounding into ``w_int``; drop v, V, α and σ."""
+        if self.v is None:
+            return
+        self.w_int = self.integer_weight(soft=False).to(self.w_int.dtype)
+        self.v = None
+        for name in ("V", "alpha", "sigma"):
+            if hasattr(self, name):
+                delattr(self, name)
+
+    def get_extra_state(self) -> dict:
+        return {"w_bits": self.w_bits, "rounding": self.rounding,
+                "a_bits": self.act.bits if self.act is not None else None}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.w_bits, self.rounding = state["w_bits"], state["rounding"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # an int16 (9–16 bit) state loaded into an int8 layer would wrap around in copy_
+        w = state_dict.get(prefix + "w_int")
+        if w is not None and w.dtype != self.w_int.dtype and w.shape == self.w_int.shape:
+            self.w_int = torch.empty_like(self.w_int, dtype=w.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x):
         if self.act is not None:
             x = self.act(x)
         w = self.weight(soft=self.soft)
-        if isinstance(self.layer, nn.Conv2d):
-            m = self.layer
-            return F.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)
-        return F.linear(x, w, self.layer.bias)
+        if self.conv is not None:
+            return F.conv2d(x, w, self.bias, **self.conv)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        kind = "Conv2d" if self.conv is not None else "Linear"
+        return f"{kind} {tuple(self.w_int.shape)}, w_bits={self.w_bits}, rounding={self.rounding}"
 
 
-# --- model surgery -------------------------------------------------------------------------
-
-def quantizable_layers(model: nn.Module) -> list[str]:
-    """Names of the Conv2d/Linear layers, in registration order; a ValueError names any
-    other module holding weights, since quantize() could not quantize it."""
-    names = []
-    for name, m in model.named_modules():
-        if isinstance(m, SUPPORTED):
-            names.append(name)
-        elif (list(m.parameters(recurse=False)) and not isinstance(m, _PASSIVE)):
-            raise ValueError(
-                f"layer {name!r} of type {type(m).__name__} holds weights but cannot be quantized; "
-                f"supported weight layers: Conv2d, Linear (BatchNorm2d is folded into its conv)"
-            )
-    if not names:
-        raise ValueError("the model has no Conv2d or Linear layer to quantize")
-    return names
+# The calibration report travels in the state dict under this key: a state-dict hook on the
+# model's root adds it and a load pre-hook takes it back. (A child module would be simpler,
+# but nn.Sequential calls every child in its forward.)
+REPORT_KEY = "quant_report"
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+def _report_to_state(module, state_dict, prefix, local_metadata) -> None:
+    state_dict[prefix + REPORT_KEY] = dict(module.quant_report)
 
 
-def calibration_units(model: nn.Module) -> list[str]:
-    """The modules reconstructed one at a time, in forward order: residual / inverted-residual
-    blocks as wholes, any other quantized layer on its own."""
-    units, inside = [], set()
-    for name, m in model.named_modules():
-        if any(name.startswith(u + ".") for u in inside):
-            continue
-        if type(m).__name__ in _BLOCK_NAMES:
-            units.append(name)
-            inside.add(name)
-        elif isinstance(m, QuantLayer):
-            units.append(name)
-            inside.add(name)
-    return units
+def _report_from_state(module, state_dict, prefix, local_metadata, strict, missing, unexpected,
+                       errors) -> None:
+    report = state_dict.pop(prefix + REPORT_KEY, None)
+    if report is not None:
+        module.quant_report = dict(report)
 
 
-class _Stop(Exception):
-    pass
+def attach_report(qmodel: nn.Module, report: dict) -> None:
+    """Set ``qmodel.quant_report`` and make it part of the model's state dict."""
+    qmodel.quant_report = dict(report)
+    qmodel.register_state_dict_post_hook(_report_to_state)
+    qmodel.register_load_state_dict_pre_hook(_report_from_state)
 
 
-@torch.no_grad()
-def capture(model: nn.Module, module: nn.Module, data: torch.Tensor, batch_size: int,
-            dev: torch.device, want: str) -> torch.Tensor:
-    """Run ``model`` on ``data`` and collect ``module``'s input or output, stopping the
-    forward pass there (the rest of the network is not needed)."""
-    return capture_many(model, [module], data, batch_size, dev, want)[0]
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    """Every QuantLayer of ``model`` by name, in registration order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
 
 
-@torch.no_grad()
-def capture_many(model: nn.Module, modules: list[nn.Module], data: torch.Tensor,
-                 batch_size: int, dev: torch.device, want: str) -> list[torch.Tensor]:
-    """Like :func:`capture` for several modules in one pass per batch: the forward stops
-    once every module has fired. Returns one tensor per module, in the order given."""
-    chunks: list[list[torch.Tensor]] = [[] for _ in modules]
-    fired: set[int] = set()
+# --- quantize(), step by step --------------------------------------------------------------
 
-    def make_hook(k):
-        def hook(mod, inp, out):
-            # a copy: the forward goes on past this module, and an in-place op further on
-            # (VGG's ReLU(inplace=True) after a conv) would otherwise overwrite what we keep
-            chunks[k].append((inp[0] if want == "input" else out).detach().clone())
-            fired.add(k)
-            if len(fired) == len(modules):
-                raise _Stop
-        return hook
-
-    hooks = [m.register_forward_hook(make_hook(k)) for k, m in enumerate(modules)]
-    try:
-        for i in range(0, len(data), batch_size):
-            fired.clear()
-            try:
-                model(data[i:i + batch_size].to(dev))
-            except _Stop:
-                pass
-    finally:
-        for h in hooks:
-            h.remove()
-    return [torch.cat(c) for c in chunks]
-
-
-_GRAPH_WARMUP = 3  # eager steps before a CUDA graph is captured (they count as training steps)
-
-
-def _reconstruct(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iters: int,
-                 batch_size: int, lr: float, rounding: str, generator: torch.Generator,
-                 desc: str, progress: bool, cuda_graph: bool = True) -> list[float]:
-    """Minimise ‖f(x) − f̂(x)‖² over one unit's rounding variables and activation steps.
-
-    On a GPU the training step (gather, forward, backward, Adam) is captured once as a CUDA
-    graph and replayed: the small blocks of these models are otherwise bound by Python and
-    kernel-launch overhead, not by the GPU."""
-    qlayers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
-    round_params = [p for q in qlayers for p in q.rounding_params()]
-    act_params = [q.act.scale for q in qlayers if q.act is not None and q.act.enabled]
-    groups = [{"params": round_params, "lr": lr}] if round_params else []
-    if act_params:
-        groups.append({"params": act_params, "lr": lr / 10})  # as BRECQ: steps learn slower
-    if not groups or iters == 0:
-        return []
-    use_graph = cuda_graph and x.is_cuda and iters > _GRAPH_WARMUP
-    # fused Adam on a GPU: one kernel for all parameters; capturable so a graph can replay it
-    opt = (torch.optim.Adam(groups, fused=True, capturable=use_graph) if x.is_cuda
-           else torch.optim.Adam(groups))
-    for q in qlayers:
-        q.soft = rounding == "adaround"
-    # Every mini-batch drawn up front and moved once, and the losses kept on the device:
-    # the loop then makes no host-device copy and never waits for the GPU.
-    batches = torch.randint(0, len(x), (iters, batch_size), generator=generator).to(x.device)
-    losses = torch.empty(iters, device=x.device)
-
-    def step_fn(idx, beta, reg_weight):
-        out = unit(x[idx])
-        # ‖·‖² summed over channels, averaged over batch and positions (as BRECQ's lp_loss)
-        rec = (out - y[idx]).pow(2).sum(1).mean()
-        loss = rec
-        if reg_weight is not None:
-            loss = rec + reg_weight * sum(adaround_regularizer(q.V, beta) for q in qlayers)
-        loss.backward()
-        opt.step()
-        return rec.detach()
-
-    adaround = rounding == "adaround"
-
-    def schedule(step):  # AdaRound's β and regulariser weight (weight 0 in the warm-up)
-        beta = adaround_beta(step, iters)
-        return (20.0, 0.0) if beta is None else (beta, 0.01)
-
-    bar = tqdm(range(iters), desc=desc, leave=False, disable=not progress, mininterval=1.0)
-    if not use_graph:
-        for step in bar:
-            beta, reg_weight = schedule(step) if adaround else (None, 0.0)
-            opt.zero_grad(set_to_none=True)
-            losses[step] = step_fn(batches[step], beta, reg_weight or None)
-    else:
-        beta_t = torch.tensor(20.0, device=x.device)
-        reg_t = torch.tensor(0.0, device=x.device)
-        static_idx = batches[0].clone()
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        it = iter(bar)
-        with torch.cuda.stream(side):  # the first steps run eagerly: graphs need a warm-up
-            for step in range(_GRAPH_WARMUP):
-                next(it)
-                beta, reg_weight = schedule(step)
-                beta_t.fill_(beta)
-                reg_t.fill_(reg_weight)
-                opt.zero_grad(set_to_none=True)
-                losses[step] = step_fn(batches[step], beta_t, reg_t if adaround else None)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
-            static_rec = step_fn(static_idx, beta_t, reg_t if adaround else None)
-        for step in it:
-            beta, reg_weight = schedule(step)
-            beta_t.fill_(beta)
-            reg_t.fill_(reg_weight)
-            static_idx.copy_(batches[step])
-            graph.replay()
-            losses[step] = static_rec
-    for q in qlayers:
-        q.soft = False
-    return losses.tolist()
-
-
-def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | None = None,
-             rounding: str = "attention", tau: float = 0.5, iters: int = 2000,
-             batch_size: int = 64, lr: float = 4e-4, first_last_bits: int = 8,
-             device: str | torch.device = "auto", seed: int = 0, tau_units: str = "grid",
-             progress: bool = True) -> nn.Module:
-    """A quantized copy of ``model`` (which is left untouched), calibrated on ``calib``.
-
-    w_bits: an int, or ``{layer_name: bits}`` for every quantized layer (first and last
-        layers may be omitted: they use ``first_last_bits``).
-    a_bits: bits for the input of every layer but the first (None: activations stay float).
-    rounding: nearest, floor, ceil, stochastic (fixed, no calibration), adaround or
-        attention (module-by-module reconstruction, ``iters`` Adam steps per module).
-    tau: the std of Attention Round's α. ``tau_units="grid"`` (the book's reading) takes τ in
-        grid steps, α ~ N(0, τ²); ``"weight"`` is the literal reading α ~ N(0, (τ/s)²).
-    The returned model carries ``quant_report``: seconds, images, iterations, device and the
-    per-module reconstruction losses."""
+def _check_args(calib, rounding, tau, tau_units, a_bits, first_last_bits, iters, batch_size) -> None:
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
     if not (isinstance(tau, (int, float)) and tau >= 0):
@@ -355,18 +243,16 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
         check_bits(a_bits, "a_bits")
     if not isinstance(calib, torch.Tensor) or calib.dim() < 2:
         raise ValueError("calib must be a tensor of calibration inputs, N × C × H × W")
-    learned = rounding in ("adaround", "attention")
-    if learned and len(calib) < batch_size:
+    if rounding in LEARNED and len(calib) < batch_size:
         raise ValueError(f"{len(calib)} calibration images are fewer than the batch size "
                          f"{batch_size}; pass more images or a smaller batch_size")
-    if learned and (not isinstance(iters, int) or iters < 0):
+    if rounding in LEARNED and (not isinstance(iters, int) or iters < 0):
         raise ValueError(f"iters must be an integer ≥ 0, got {iters!r}")
 
-    start = time.perf_counter()
-    dev = resolve_device(device)
-    gen = torch.Generator().manual_seed(seed)
-    fp = fold_bn(model).to(dev)
-    names = quantizable_layers(fp)
+
+def bits_per_layer(names: list[str], w_bits, first_last_bits: int = 8) -> dict[str, int]:
+    """``{layer: bits}`` from an int or a dict (which may omit the first and last layers);
+    the first and last layers always get ``first_last_bits``."""
     first, last = names[0], names[-1]
     if isinstance(w_bits, dict):
         missing = [n for n in names if n not in w_bits and n not in (first, last)]
@@ -374,54 +260,167 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
         if missing or unknown:
             raise ValueError(f"w_bits dict: missing layers {missing}, unknown layers {unknown}; "
                              f"quantized layers are {names}")
-        bits_of = {n: check_bits(w_bits.get(n, first_last_bits), f"w_bits[{n!r}]") for n in names}
+        bits = {n: check_bits(w_bits.get(n, first_last_bits), f"w_bits[{n!r}]") for n in names}
     else:
         check_bits(w_bits, "w_bits")
-        bits_of = {n: w_bits for n in names}
-    bits_of[first] = bits_of[last] = first_last_bits
+        bits = {n: w_bits for n in names}
+    bits[first] = bits[last] = first_last_bits
+    return bits
 
+
+def _act_bits(n: str, names: list[str], a_bits: int | None, first_last_bits: int) -> int | None:
+    """The first layer's input stays float (it is the image); the last layer's at 8 bits."""
+    if a_bits is None or n == names[0]:
+        return None
+    return first_last_bits if n == names[-1] else a_bits
+
+
+def _insert_quant_layers(fp: nn.Module, names, bits, a_bits, first_last_bits, rounding, tau,
+                         tau_units, generator, dev) -> nn.Module:
     q = copy.deepcopy(fp)
     for n in names:
-        a = None if (a_bits is None or n == first) else (first_last_bits if n == last else a_bits)
-        ql = QuantLayer(q.get_submodule(n), bits_of[n], a, rounding, tau, tau_units, gen)
-        _set_module(q, n, ql.to(dev))
-    q.eval()
+        layer = q.get_submodule(n)
+        ql = QuantLayer(layer, bits[n], _act_bits(n, names, a_bits, first_last_bits))
+        ql.start(layer.weight.detach(), rounding, tau, tau_units, generator)
+        set_module(q, n, ql.to(dev))
+    return q.eval()
 
-    calib = calib.to(dev)
-    if a_bits is not None:  # initialise every activation step size on the float inputs
-        inputs = capture_many(fp, [fp.get_submodule(n) for n in names[1:]], calib[:256],
-                              batch_size, dev, "input")
-        for n, x_in in zip(names[1:], inputs):
-            q.get_submodule(n).act.init_from(x_in)
-        del inputs
 
+def _init_act_steps(fp: nn.Module, q: nn.Module, names: list[str], calib: torch.Tensor,
+                    batch_size: int, dev: torch.device) -> None:
+    """Every activation step size from an MSE search on the float model's layer inputs
+    (256 images, one capture pass)."""
+    inputs = capture_many(fp, [fp.get_submodule(n) for n in names[1:]], calib[:256],
+                          batch_size, dev, "input")
+    for n, x_in in zip(names[1:], inputs):
+        q.get_submodule(n).act.init_from(x_in)
+
+
+def _calibrate_units(fp, q, calib, blocks, *, iters, batch_size, lr, rounding, generator, dev,
+                     progress) -> dict[str, list[float]]:
+    """Reconstruct every unit in forward order; returns each unit's loss curve."""
+    units = calibration_units(q, (QuantLayer,), blocks)
+    # The float units' outputs (the targets) never change: one pass for all of them. Each
+    # unit's input comes from the quantized model as calibrated so far, so it is captured
+    # afresh, once per unit, after the units before it are frozen.
+    targets = capture_many(fp, [fp.get_submodule(u) for u in units], calib, batch_size, dev, "output")
     losses = {}
-    if learned:
-        units = calibration_units(q)
-        # The float model's unit outputs (the targets) never change: one pass for all of them.
-        # Each unit's input comes from the quantized model as calibrated so far, so it is
-        # captured afresh, once per unit, after the units before it are frozen.
-        targets = capture_many(fp, [fp.get_submodule(u) for u in units], calib, batch_size,
-                               dev, "output")
-        for k, u in enumerate(units):
-            x = capture(q, q.get_submodule(u), calib, batch_size, dev, "input")
-            y = targets[k]
-            targets[k] = None  # free each target once its unit is done
-            unit = q.get_submodule(u)
-            with torch.enable_grad():
-                losses[u] = _reconstruct(unit, x, y, iters=iters, batch_size=batch_size, lr=lr,
-                                         rounding=rounding, generator=gen,
-                                         desc=f"{rounding} {k + 1}/{len(units)} {u}", progress=progress)
-            for m in unit.modules():
-                if isinstance(m, QuantLayer):
-                    m.finalize()
-            del x, y
-    for m in q.modules():
-        if isinstance(m, QuantLayer) and m.w_int is None:
+    for k, u in enumerate(units):
+        unit = q.get_submodule(u)
+        x = capture(q, unit, calib, batch_size, dev, "input")
+        y, targets[k] = targets[k], None  # free each target once its unit is done
+        qlayers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
+        with torch.enable_grad():
+            losses[u] = reconstruct(unit, qlayers, x, y, iters=iters, batch_size=batch_size, lr=lr,
+                                    rounding=rounding, generator=generator,
+                                    desc=f"{rounding} {k + 1}/{len(units)} {u}", progress=progress)
+        for m in qlayers:
             m.finalize()
+    return losses
+
+
+def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | None = None,
+             rounding: str = "attention", tau: float = 0.5, iters: int = 2000,
+             batch_size: int = 64, lr: float = 4e-4, first_last_bits: int = 8,
+             device: str | torch.device = "auto", seed: int = 0, tau_units: str = "grid",
+             blocks=None, progress: bool = True) -> nn.Module:
+    """A quantized copy of ``model`` (which is left untouched), calibrated on ``calib``.
+
+    w_bits: an int, or ``{layer_name: bits}`` for every quantized layer (first and last
+        layers may be omitted: they use ``first_last_bits``).
+    a_bits: bits for the input of every layer but the first (None: activations stay float).
+    rounding: nearest, floor, ceil, stochastic (fixed, no calibration), adaround or
+        attention (eq. 3–6; unit-by-unit reconstruction, ``iters`` Adam steps per unit).
+    tau: the std of Attention Round's α. ``tau_units="grid"`` (the book's reading) takes τ in
+        grid steps, α ~ N(0, τ²); ``"weight"`` is the literal reading α ~ N(0, (τ/s)²).
+    blocks: module types reconstructed as one unit (default :data:`DEFAULT_BLOCKS`,
+        torchvision's BasicBlock, Bottleneck and InvertedResidual); ``()`` reconstructs
+        layer by layer.
+    The returned model is on the CPU and carries ``quant_report`` (seconds, images,
+    iterations, device, bits and the per-unit reconstruction losses), part of its state."""
+    _check_args(calib, rounding, tau, tau_units, a_bits, first_last_bits, iters, batch_size)
+    blocks = check_blocks(blocks)
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    gen = torch.Generator().manual_seed(seed)
+    fp = fold_bn(model).to(dev)
+    names = quantizable_layers(fp)
+    bits = bits_per_layer(names, w_bits, first_last_bits)
+    q = _insert_quant_layers(fp, names, bits, a_bits, first_last_bits, rounding, tau, tau_units, gen, dev)
+    calib = calib.to(dev)
+    if a_bits is not None:
+        _init_act_steps(fp, q, names, calib, batch_size, dev)
+    losses = {}
+    if rounding in LEARNED:
+        losses = _calibrate_units(fp, q, calib, blocks, iters=iters, batch_size=batch_size, lr=lr,
+                                  rounding=rounding, generator=gen, dev=dev, progress=progress)
+    for m in quant_layers(q).values():
+        m.finalize()  # a no-op for the fixed rules and for every calibrated unit
     q.requires_grad_(False)
-    q.quant_report = {"seconds": time.perf_counter() - start, "images": len(calib),
-                      "iters_per_module": iters if learned else 0, "device": str(dev),
-                      "rounding": rounding, "w_bits": bits_of, "a_bits": a_bits,
-                      "losses": losses}
+    attach_report(q, {"seconds": time.perf_counter() - start, "images": len(calib),
+                      "iters_per_module": iters if rounding in LEARNED else 0, "device": str(dev),
+                      "rounding": rounding, "w_bits": bits, "a_bits": a_bits, "losses": losses})
     return q.cpu()
+
+
+# --- the artefact: save, load, export ------------------------------------------------------
+
+def save(qmodel: nn.Module, path: str | Path) -> Path:
+    """Write a quantized model's state (integer weights, scales, activation steps, bit
+    widths, report) atomically; :func:`load` rebuilds it. No pickled code is written."""
+    layers = quant_layers(qmodel)
+    if not layers:
+        raise ValueError("save() takes a quantized model (from quantize()); this one has no QuantLayer")
+    unfinished = [n for n, m in layers.items() if m.v is not None]
+    if unfinished:
+        raise ValueError(f"layers {unfinished} are still being calibrated; call finalize() first")
+    path = Path(path)
+    cache.save({"format": FORMAT, "state_dict": qmodel.state_dict()}, path)
+    return path
+
+
+def load(path: str | Path, float_model_or_arch: nn.Module | str) -> nn.Module:
+    """The quantized model saved at ``path``. ``float_model_or_arch`` gives its structure:
+    the float model it was quantized from (any weights: all are replaced), or the name of
+    one of the book's architectures. Loaded with ``weights_only=True``."""
+    from qlib import models
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no quantized model at {path}")
+    try:
+        rec = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable qlib quantized model ({type(e).__name__}: {e}); "
+                         "save it again with qlib.quant.save") from e
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} file; save it with qlib.quant.save")
+    sd = rec["state_dict"]
+    model = models.build(float_model_or_arch) if isinstance(float_model_or_arch, str) else float_model_or_arch
+    q = fold_bn(model)
+    for n in quantizable_layers(q):
+        cfg = sd.get(f"{n}._extra_state")
+        if cfg is None:
+            raise ValueError(f"{path} has no quantized layer {n!r}: it was saved from another architecture")
+        set_module(q, n, QuantLayer(q.get_submodule(n), cfg["w_bits"], cfg["a_bits"]))
+    attach_report(q, {})
+    q.load_state_dict(sd)
+    return q.eval().requires_grad_(False)
+
+
+def export(qmodel: nn.Module) -> dict[str, dict]:
+    """What a deployment needs, per quantized layer: ``weight_int`` (int8; int16 above 8
+    bits), ``scale`` (one float per output channel), ``bias``, ``bits``, and the input's
+    ``act_step`` (None for a float input) with ``act_bits`` and ``act_signed``. The float
+    weight is ``weight_int * scale`` broadcast over the output-channel axis."""
+    out = {}
+    for n, m in quant_layers(qmodel).items():
+        if m.v is not None:
+            raise ValueError(f"layer {n!r} is still being calibrated; call finalize() first")
+        act = m.act if m.act is not None and m.act.enabled else None
+        out[n] = {"weight_int": m.w_int.detach().cpu().clone(), "scale": m.scale.detach().flatten().cpu(),
+                  "bias": None if m.bias is None else m.bias.detach().cpu().clone(), "bits": m.w_bits,
+                  "act_step": float(act.scale) if act is not None else None,
+                  "act_bits": act.bits if act is not None else None,
+                  "act_signed": act.signed if act is not None else None}
+    return out

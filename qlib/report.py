@@ -15,3 +15,13 @@ def difference_is_real(mean_a: float, std_a: float, mean_b: float, std_b: float,
         two_se = 2 * math.sqrt((std_a ** 2 + std_b ** 2) / n)
         return two_se, abs(diff) > two_se
     return math.nan, abs(diff) > single_seed_margin
+
+
+def verdict(mean_a: float, std_a: float, mean_b: float, std_b: float, n: int,
+            names: tuple[str, str] = ("A", "B"), single_seed_margin: float = 1.0) -> tuple[float, str]:
+    """(2·SE, word) where word is "<A> better", "<B> better" or "tie" by
+    :func:`difference_is_real`."""
+    two_se, real = difference_is_real(mean_a, std_a, mean_b, std_b, n, single_seed_margin)
+    if not real:
+        return two_se, "tie"
+    return two_se, f"{names[0] if mean_a > mean_b else names[1]} better"

@@ -74,10 +74,12 @@ def test_train_learns_a_separable_toy_problem():
 
 
 def test_pretrained_trains_once_then_loads(tmp_cache, monkeypatch):
+    import dataclasses
+
     from qlib import profiles
 
-    tiny = profiles.get("quick")
-    tiny["train"].update(epochs=1)
+    quick = profiles.get("quick")
+    tiny = dataclasses.replace(quick, name="tiny", train=dataclasses.replace(quick.train, epochs=1))
     monkeypatch.setitem(profiles.PROFILES, "tiny", tiny)
     n = 256
     small = TensorDataset(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,)))

@@ -19,7 +19,8 @@ def w():
 def test_every_rounding_lands_on_the_grid(w, bits, mode):
     layer = nn.Conv2d(8, 16, 3, bias=False)
     layer.weight.data.copy_(w)
-    q = quant.QuantLayer(layer, bits, None, mode, tau=0.5, generator=torch.Generator().manual_seed(0))
+    q = quant.QuantLayer(layer, bits).start(layer.weight, mode, tau=0.5,
+                                            generator=torch.Generator().manual_seed(0))
     if mode == "adaround":  # random V: any soft state must still round onto the grid
         q.V.data.normal_()
     z = q.integer_weight()

@@ -1,0 +1,175 @@
+"""The experiment harness the chapters share: load a profile's data and float models once,
+run a PTQ setting over seeds into flat records, and turn records into tables.
+
+    S = experiments.setup("quick")
+    recs = experiments.run_seeds(S, "resnet", "attention", w_bits=3, seeds=S.quant.seeds)
+    experiments.summarize(recs, ["arch", "rounding"])        # mean, std, count, seconds
+
+A record is a plain dict (arch, rounding, w_bits, a_bits, seed, tau, lr, acc in %, seconds,
+images, iters, device, plus any tags the caller adds), so lists of them go straight into
+pandas.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.data import TensorDataset
+
+from qlib import data, models, profiles, quant, report
+
+FIXED_DETERMINISTIC = ("nearest", "floor", "ceil")  # the same result for every seed
+
+
+@dataclass
+class Setup:
+    """What a chapter quantizes and measures against: one profile's data, calibration
+    images and trained float models with their test accuracy (%)."""
+    profile: profiles.Profile
+    train_set: TensorDataset
+    test_set: TensorDataset
+    calib: torch.Tensor
+    float_models: dict[str, nn.Module]
+    float_acc: dict[str, float]
+    device: torch.device
+
+    @property
+    def quant(self) -> profiles.Quant:
+        return self.profile.quant
+
+    def run_settings(self) -> dict:
+        """The settings every chapter states at its top (for glue)."""
+        q = self.quant
+        return {"profile": self.profile.name, "n_calib": q.calib_images, "iters": q.iters,
+                "lr": q.lr, "batch": q.batch_size, "device": models.describe_device(self.device),
+                "seeds": ", ".join(map(str, q.seeds))}
+
+
+def setup(profile: str = "quick", dataset: str = "fashion-mnist", archs=models.ARCHS,
+          device: str | torch.device = "auto", quant_profile: str | None = None) -> Setup:
+    """Load the data, draw the calibration set (seed 0, the profile's size), and load (or
+    train once) and evaluate every float model. ``quant_profile`` quantizes the float
+    models of ``profile`` with another profile's PTQ settings (e.g. quick models, paper
+    calibration)."""
+    p = profiles.get(profile)
+    if quant_profile is not None:
+        p = dataclasses.replace(p, quant=profiles.get(quant_profile).quant)
+    train_set, test_set = data.load(dataset, "train"), data.load(dataset, "test")
+    calib = data.calibration_set(train_set, n=p.quant.calib_images, seed=0)
+    float_models = {a: models.pretrained(a, profile, dataset) for a in archs}
+    float_acc = {a: 100 * models.evaluate(m, test_set) for a, m in float_models.items()}
+    return Setup(p, train_set, test_set, calib, float_models, float_acc, models.resolve_device(device))
+
+
+def run(S: Setup, arch: str, rounding: str, w_bits, a_bits: int | None = None, *, seed: int = 0,
+        tags: dict | None = None, keep_model: bool = False, **overrides) -> dict:
+    """Quantize one float model with the profile's settings (``overrides`` replace any of
+    quantize()'s keyword arguments) and return its record; with ``keep_model`` the record
+    also holds the quantized model under "model"."""
+    kwargs = S.quant.kwargs(seed=seed, **overrides)
+    q = quant.quantize(S.float_models[arch], S.calib, w_bits=w_bits, a_bits=a_bits,
+                       rounding=rounding, progress=False, **kwargs)
+    rep = q.quant_report
+    rec = {**(tags or {}), "arch": arch, "rounding": rounding,
+           "w_bits": w_bits if isinstance(w_bits, int) else "mixed", "a_bits": a_bits or 32,
+           "seed": seed, "tau": kwargs.get("tau", 0.5), "lr": kwargs["lr"],
+           "acc": 100 * models.evaluate(q, S.test_set), "seconds": rep["seconds"],
+           "images": rep["images"], "iters": rep["iters_per_module"], "device": rep["device"]}
+    if keep_model:
+        rec["model"] = q
+    return rec
+
+
+def run_seeds(S: Setup, arch: str, rounding: str, w_bits, a_bits: int | None = None, *,
+              seeds=None, **kw) -> list[dict]:
+    """:func:`run` once per seed (default: the profile's seeds); nearest, floor and ceil
+    have no randomness and run once."""
+    seeds = list(S.quant.seeds if seeds is None else seeds)
+    if rounding in FIXED_DETERMINISTIC:
+        seeds = seeds[:1]
+    return [run(S, arch, rounding, w_bits, a_bits, seed=s, **kw) for s in seeds]
+
+
+def needs_more_seeds(first: dict[str, float], nearest: float, float_acc: float,
+                     margin: float = 1.0) -> bool:
+    """Chapter 3's seed rule. ``first``: each learned method's accuracy (%) at the first
+    seed. More seeds are run only where the methods land within ``margin`` points of each
+    other (a single seed cannot tell them apart) *and* the setting is hard (nearest rounding
+    loses at least ``margin`` points against float; otherwise every method sits at float
+    level and there is nothing to resolve)."""
+    accs = list(first.values())
+    close = max(accs) - min(accs) < margin
+    hard = float_acc - nearest >= margin
+    return close and hard
+
+
+def compare_setting(S: Setup, arch: str, w_bits, a_bits: int | None = None, *,
+                    methods=("adaround", "attention"), tags: dict | None = None, **kw) -> list[dict]:
+    """Nearest rounding once, each learned method at the first seed, and the remaining
+    seeds for all learned methods where :func:`needs_more_seeds` says so."""
+    seeds = list(S.quant.seeds)
+    near = run(S, arch, "nearest", w_bits, a_bits, tags=tags, **kw)
+    recs = [near] + [run(S, arch, m, w_bits, a_bits, seed=seeds[0], tags=tags, **kw) for m in methods]
+    first = {r["rounding"]: r["acc"] for r in recs[1:]}
+    if needs_more_seeds(first, near["acc"], S.float_acc[arch]):
+        recs += [run(S, arch, m, w_bits, a_bits, seed=s, tags=tags, **kw)
+                 for s in seeds[1:] for m in methods]
+    return recs
+
+
+# --- tables ------------------------------------------------------------------------------
+
+def fmt_mean_std(mean: float, std: float, n: int, digits: int = 2, show_n: bool = True) -> str:
+    """"90.12 ± 0.05 (3)" over several seeds, "90.12" for one."""
+    if n > 1 and not math.isnan(std):
+        return f"{mean:.{digits}f} ± {std:.{digits}f}" + (f" ({n})" if show_n else "")
+    return f"{mean:.{digits}f}"
+
+
+def summarize(records: list[dict], by: list[str], value: str = "acc"):
+    """One row per group: mean, std and count of ``value`` over seeds, mean seconds."""
+    import pandas as pd
+
+    df = pd.DataFrame(records)
+    g = df.groupby(by, sort=False)
+    out = g[value].agg(["mean", "std", "count"])
+    if "seconds" in df:
+        out = out.join(g["seconds"].mean().rename("seconds"))
+    return out.reset_index()
+
+
+def results_table(records: list[dict], float_acc: dict[str, float],
+                  index=("arch", "w_bits", "a_bits"), column: str = "rounding",
+                  order=("nearest", "adaround", "attention"), seconds_of: str | None = "attention",
+                  show_n: bool = True):
+    """A wide table: one row per setting, one column per method as "mean ± std (n)", the
+    float accuracy first and, if ``seconds_of``, that method's mean seconds per run last."""
+    s = summarize(records, [*index, column])
+    s["cell"] = [fmt_mean_std(m, sd, int(n), show_n=show_n) for m, sd, n in zip(s["mean"], s["std"], s["count"])]
+    wide = s.pivot_table(index=list(index), columns=column, values="cell", aggfunc="first", sort=False)
+    wide = wide[[c for c in order if c in wide.columns]]
+    wide.insert(0, "float", [f"{float_acc[key[0]]:.2f}" for key in wide.index])
+    if seconds_of is not None:
+        secs = s[s[column] == seconds_of].set_index(list(index))["seconds"]
+        wide[f"{models.display_name(seconds_of)} s/run"] = secs.round(1).astype(str)
+    return wide
+
+
+def verdicts(records: list[dict], a: str, b: str, by=("arch", "w_bits", "a_bits"),
+             column: str = "rounding") -> "pd.DataFrame":  # noqa: F821
+    """For every setting, ``a`` against ``b`` by :func:`qlib.report.verdict`: the difference of
+    means, its 2·SE and "<a> better" / "<b> better" / "tie"."""
+    import pandas as pd
+
+    s = summarize(records, [*by, column])
+    rows = []
+    for key, g in s.groupby(list(by), sort=False):
+        ra, rb = (g[g[column] == m].iloc[0] for m in (a, b))
+        two_se, word = report.verdict(ra["mean"], ra["std"], rb["mean"], rb["std"], int(ra["count"]),
+                                      names=(models.display_name(a), models.display_name(b)))
+        rows.append({**dict(zip(by, key)), "seeds": int(ra["count"]),
+                     f"{a} − {b}": ra["mean"] - rb["mean"], "± 2·SE": two_se, "verdict": word})
+    return pd.DataFrame(rows)

@@ -1,0 +1,76 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import TensorDataset
+
+from qlib import experiments, profiles, report
+
+
+def test_seed_rule():
+    rule = experiments.needs_more_seeds
+    # close (0.4 apart) and hard (nearest loses 5 points): more seeds
+    assert rule({"adaround": 85.0, "attention": 85.4}, nearest=80.0, float_acc=85.0)
+    # far apart: one seed resolves it
+    assert not rule({"adaround": 83.0, "attention": 85.4}, nearest=80.0, float_acc=85.0)
+    # easy setting (nearest within a point of float): nothing to resolve
+    assert not rule({"adaround": 85.0, "attention": 85.1}, nearest=84.5, float_acc=85.0)
+    # the edges: a gap of exactly one point is not close; a loss of exactly one point is hard
+    assert not rule({"a": 85.0, "b": 86.0}, nearest=80.0, float_acc=85.0)
+    assert rule({"a": 85.0, "b": 85.2}, nearest=84.0, float_acc=85.0)
+
+
+def test_fmt_mean_std():
+    assert experiments.fmt_mean_std(90.123, 0.456, 3) == "90.12 ± 0.46 (3)"
+    assert experiments.fmt_mean_std(90.123, 0.456, 3, show_n=False) == "90.12 ± 0.46"
+    assert experiments.fmt_mean_std(90.123, math.nan, 1) == "90.12"
+
+
+def test_verdict_words():
+    assert report.verdict(91.0, 0.1, 90.0, 0.1, 3, names=("A", "B")) == (pytest.approx(2 * math.sqrt(0.02 / 3)), "A better")
+    assert report.verdict(90.0, 0.1, 91.0, 0.1, 3, names=("A", "B"))[1] == "B better"
+    assert report.verdict(90.05, 0.3, 90.0, 0.3, 3)[1] == "tie"
+
+
+def test_profiles_are_typed_and_give_quantize_kwargs():
+    q = profiles.get("quick").quant
+    assert q.kwargs() == {"iters": q.iters, "batch_size": q.batch_size, "lr": q.lr, "seed": q.seeds[0]}
+    assert q.kwargs(seed=1, tau=0.2)["seed"] == 1 and q.kwargs(tau=0.2)["tau"] == 0.2
+    paper = profiles.get("paper")
+    assert (paper.quant.calib_images, paper.quant.iters, paper.quant.lr, paper.quant.batch_size) == (1024, 2000, 4e-4, 64)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        paper.quant.iters = 5
+    with pytest.raises(ValueError, match="unknown profile"):
+        profiles.get("fast")
+
+
+def _tiny_setup():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)).eval()
+    x = torch.randn(64, 1, 8, 8)
+    y = net(x).argmax(1).detach()
+    test = TensorDataset(x, y)  # the float model is right on every image: 100%
+    quick = profiles.get("quick")
+    p = dataclasses.replace(quick, quant=dataclasses.replace(quick.quant, iters=3, batch_size=16, seeds=(0, 1, 2)))
+    return experiments.Setup(p, test, test, x[:32], {"net": net}, {"net": 100.0}, torch.device("cpu"))
+
+
+def test_run_seeds_and_compare_setting_records():
+    S = _tiny_setup()
+    near = experiments.run_seeds(S, "net", "nearest", 4)
+    assert len(near) == 1, "nearest has no randomness: one run"
+    att = experiments.run_seeds(S, "net", "attention", 4, tags={"table": "x"})
+    assert [r["seed"] for r in att] == [0, 1, 2] and all(r["table"] == "x" for r in att)
+    assert all(0 <= r["acc"] <= 100 and r["iters"] == 3 and r["images"] == 32 for r in att)
+    recs = experiments.compare_setting(S, "net", 2, None)
+    first = {r["rounding"]: r["acc"] for r in recs if r["seed"] == 0 and r["rounding"] != "nearest"}
+    near_acc = next(r["acc"] for r in recs if r["rounding"] == "nearest")
+    extra = experiments.needs_more_seeds(first, near_acc, 100.0)
+    assert len(recs) == (1 + 2 * 3 if extra else 1 + 2)
+    table = experiments.results_table(recs, S.float_acc, index=("arch", "w_bits", "a_bits"))
+    assert list(table.columns[:4]) == ["float", "nearest", "adaround", "attention"]
+    v = experiments.verdicts(recs, "attention", "adaround")
+    assert v.loc[0, "verdict"] in ("Attention Round better", "AdaRound better", "tie")
