@@ -10,20 +10,11 @@ import torch.nn as nn
 from qlib import models, quant
 
 
-def _randomise_bn(model):
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
-
-
 @pytest.fixture(scope="module", params=models.ARCHS)
-def quantized(request):
+def quantized(request, randomise_bn):
     """(arch, float model, a W3A4 Attention Round model with a mixed 9-bit layer)."""
     torch.manual_seed(0)
-    fp = _randomise_bn(models.build(request.param))
+    fp = randomise_bn(models.build(request.param))
     names = quant.quantizable_layers(quant.fold_bn(fp))
     bits = {n: 3 for n in names[1:-1]}
     bits[names[1]] = 9  # one layer above 8 bits: stored as int16

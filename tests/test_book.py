@@ -1,7 +1,6 @@
 """Every chapter through papermill (quick profile), then the HTML book built from those runs.
 
 Tests run in file order: the build test uses the notebooks the execution tests wrote."""
-import json
 import re
 
 import nbformat

@@ -87,20 +87,9 @@ def test_attention_probabilities_sum_to_one_and_match_nearest_at_tau0():
     assert rounding.attention_probabilities(50.0, 0.5, -8, 7)[-1].item() == pytest.approx(1.0)
 
 
-def _randomise_bn(model):
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
-
-
 @pytest.mark.parametrize("arch", models.ARCHS)
-def test_fold_bn_is_equivalent(arch):
-    m = _randomise_bn(models.build(arch))
+def test_fold_bn_is_equivalent(arch, randomise_bn):
+    m = randomise_bn(models.build(arch))
     f = quant.fold_bn(m)
     assert not any(isinstance(x, nn.BatchNorm2d) for x in f.modules())
     x = torch.randn(8, 1, 28, 28)
@@ -109,8 +98,8 @@ def test_fold_bn_is_equivalent(arch):
     assert any(isinstance(x, nn.BatchNorm2d) for x in m.modules())  # the original is untouched
 
 
-def test_quantize_leaves_input_untouched_and_is_deterministic():
-    m = _randomise_bn(models.build("resnet"))
+def test_quantize_leaves_input_untouched_and_is_deterministic(randomise_bn):
+    m = randomise_bn(models.build("resnet"))
     before = copy.deepcopy(m.state_dict())
     calib = torch.randn(64, 1, 28, 28)
     q1 = quant.quantize(m, calib, w_bits=3, a_bits=4, rounding="attention", iters=5,
@@ -126,10 +115,10 @@ def test_quantize_leaves_input_untouched_and_is_deterministic():
     assert layers[0].act is None and layers[-1].act.bits == 8 and layers[1].act.bits == 4
 
 
-def test_capture_many_matches_one_at_a_time_despite_inplace_relu():
+def test_capture_many_matches_one_at_a_time_despite_inplace_relu(randomise_bn):
     # VGG's convs are followed by ReLU(inplace=True): a capture that lets the forward run on
     # must not hand back the conv outputs after the ReLU has overwritten them
-    m = quant.fold_bn(_randomise_bn(models.build("vgg")))
+    m = quant.fold_bn(randomise_bn(models.build("vgg")))
     convs = [x for x in m.modules() if isinstance(x, nn.Conv2d)]
     data = torch.randn(40, 1, 28, 28)
     for want in ("input", "output"):
@@ -141,8 +130,8 @@ def test_capture_many_matches_one_at_a_time_despite_inplace_relu():
     assert all((o < 0).any() for o in outs)  # pre-ReLU outputs, negatives kept
 
 
-def test_reconstruction_reduces_block_error():
-    m = _randomise_bn(models.build("vgg"))
+def test_reconstruction_reduces_block_error(randomise_bn):
+    m = randomise_bn(models.build("vgg"))
     calib = torch.randn(128, 1, 28, 28)
     q = quant.quantize(m, calib, w_bits=2, rounding="attention", tau=0.5, iters=60, lr=1e-2,
                        batch_size=32, progress=False)
