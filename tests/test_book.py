@@ -32,6 +32,20 @@ def test_source_is_clean_and_parametrised(nb):
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_chapter_code_has_no_undefined_or_unused_names(nb):
+    """A name a chapter uses but never defines fails only deep into its run; catch it here."""
+    from pyflakes.api import check
+    from pyflakes.reporter import Reporter
+    import io
+
+    notebook = nbformat.read(nb, as_version=4)
+    code = "\n\n".join(c.source for c in notebook.cells if c.cell_type == "code")
+    out = io.StringIO()
+    check(code, nb.name, Reporter(out, out))
+    assert out.getvalue() == "", out.getvalue()
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(nb):
     out = book.execute_one(nb, profile="quick")
     executed = nbformat.read(out, as_version=4)
