@@ -2,26 +2,36 @@
 run a PTQ setting over seeds into flat records, and turn records into tables.
 
     S = experiments.setup("quick")
-    recs = experiments.run_seeds(S, "resnet", "attention", w_bits=3, seeds=S.quant.seeds)
+    hp = experiments.tuned(S, "resnet", "attention")     # {"lr": …}, chosen on validation
+    recs = experiments.run_seeds(S, "resnet", "attention", w_bits=3, **hp)
     experiments.summarize(recs, ["arch", "rounding"])        # mean, std, count, seconds
 
-A record is a plain dict (arch, rounding, w_bits, a_bits, seed, tau, lr, acc in %, seconds,
-images, iters, device, plus any tags the caller adds), so lists of them go straight into
-pandas.
+A record is a plain dict (arch, rounding, w_bits, a_bits, seed, tau, lr, split, acc in %,
+seconds, images, iters, device, plus any tags the caller adds), so lists of them go
+straight into pandas.
+
+The fair-comparison protocol (DESIGN.md): every hyperparameter the book picks is picked by
+:func:`select` on the validation split, never on the test split; :func:`tuned` applies it
+to each learned method's learning rate, per model, at one stated setting, with the same
+calibration images and iteration budget for every method. Selections are cached.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
 
-from qlib import data, models, profiles, quant, report
+from qlib import cache, data, models, profiles, quant, report
 
 FIXED_DETERMINISTIC = ("nearest", "floor", "ceil")  # the same result for every seed
+TUNED_METHODS = ("adaround", "attention")  # the methods whose learning rate is selected
+SELECTION_VERSION = 1  # bump when a change to qlib alters what a cached selection means
 
 
 @dataclass
@@ -30,22 +40,31 @@ class Setup:
     images and trained float models with their test accuracy (%)."""
     profile: profiles.Profile
     train_set: TensorDataset
+    val_set: TensorDataset
     test_set: TensorDataset
     calib: torch.Tensor
     float_models: dict[str, nn.Module]
-    float_acc: dict[str, float]
+    float_acc: dict[str, float]   # on the test split, %
     device: torch.device
 
     @property
     def quant(self) -> profiles.Quant:
         return self.profile.quant
 
+    def split(self, name: str) -> TensorDataset:
+        """The ``"val"`` or ``"test"`` split."""
+        if name not in ("val", "test"):
+            raise ValueError(f"split must be 'val' (selection) or 'test' (reported numbers), got {name!r}")
+        return self.val_set if name == "val" else self.test_set
+
     def run_settings(self) -> dict:
         """The settings every chapter states at its top (for glue)."""
         q = self.quant
         return {"profile": self.profile.name, "n_calib": q.calib_images, "iters": q.iters,
-                "lr": q.lr, "batch": q.batch_size, "device": models.describe_device(self.device),
-                "seeds": ", ".join(map(str, q.seeds))}
+                "lr": q.lr, "act_lr": q.act_lr, "batch": q.batch_size,
+                "device": models.describe_device(self.device), "seeds": ", ".join(map(str, q.seeds)),
+                "n_val": len(self.val_set.tensors[1]), "n_test": len(self.test_set.tensors[1]),
+                "lr_grid": ", ".join(f"{v:g}" for v in q.lr_grid), "tune_setting": f"W{q.tune_w_bits}A32"}
 
 
 def setup(profile: str = "quick", dataset: str = "fashion-mnist", archs=models.ARCHS,
@@ -57,26 +76,29 @@ def setup(profile: str = "quick", dataset: str = "fashion-mnist", archs=models.A
     p = profiles.get(profile)
     if quant_profile is not None:
         p = dataclasses.replace(p, quant=profiles.get(quant_profile).quant)
-    train_set, test_set = data.load(dataset, "train"), data.load(dataset, "test")
+    train_set = data.load(dataset, "train")
+    val_set, test_set = data.load(dataset, "val"), data.load(dataset, "test")
     calib = data.calibration_set(train_set, n=p.quant.calib_images, seed=0)
     float_models = {a: models.pretrained(a, profile, dataset) for a in archs}
     float_acc = {a: 100 * models.evaluate(m, test_set) for a, m in float_models.items()}
-    return Setup(p, train_set, test_set, calib, float_models, float_acc, models.resolve_device(device))
+    return Setup(p, train_set, val_set, test_set, calib, float_models, float_acc,
+                 models.resolve_device(device))
 
 
 def run(S: Setup, arch: str, rounding: str, w_bits, a_bits: int | None = None, *, seed: int = 0,
-        tags: dict | None = None, keep_model: bool = False, **overrides) -> dict:
+        split: str = "test", tags: dict | None = None, keep_model: bool = False, **overrides) -> dict:
     """Quantize one float model with the profile's settings (``overrides`` replace any of
-    quantize()'s keyword arguments) and return its record; with ``keep_model`` the record
-    also holds the quantized model under "model"."""
+    quantize()'s keyword arguments) and return its record, top-1 measured on ``split``; with
+    ``keep_model`` the record also holds the quantized model under "model"."""
+    eval_set = S.split(split)
     kwargs = S.quant.kwargs(seed=seed, **overrides)
     q = quant.quantize(S.float_models[arch], S.calib, w_bits=w_bits, a_bits=a_bits,
                        rounding=rounding, progress=False, **kwargs)
     rep = q.quant_report
     rec = {**(tags or {}), "arch": arch, "rounding": rounding,
            "w_bits": w_bits if isinstance(w_bits, int) else "mixed", "a_bits": a_bits or 32,
-           "seed": seed, "tau": kwargs.get("tau", 0.5), "lr": kwargs["lr"],
-           "acc": 100 * models.evaluate(q, S.test_set), "seconds": rep["seconds"],
+           "seed": seed, "tau": kwargs.get("tau", 0.5), "lr": kwargs["lr"], "split": split,
+           "acc": 100 * models.evaluate(q, eval_set), "seconds": rep["seconds"],
            "images": rep["images"], "iters": rep["iters_per_module"], "device": rep["device"]}
     if keep_model:
         rec["model"] = q
@@ -107,17 +129,99 @@ def needs_more_seeds(first: dict[str, float], nearest: float, float_acc: float,
 
 
 def compare_setting(S: Setup, arch: str, w_bits, a_bits: int | None = None, *,
-                    methods=("adaround", "attention"), tags: dict | None = None, **kw) -> list[dict]:
+                    methods=TUNED_METHODS, hparams: dict[str, dict] | None = None,
+                    tags: dict | None = None, **kw) -> list[dict]:
     """Nearest rounding once, each learned method at the first seed, and the remaining
-    seeds for all learned methods where :func:`needs_more_seeds` says so."""
+    seeds for all learned methods where :func:`needs_more_seeds` says so. ``hparams`` maps
+    a method to its own keyword arguments (e.g. ``{"adaround": {"lr": 0.2}}``, from
+    :func:`tuned`); ``kw`` go to every call."""
+    hp = hparams or {}
     seeds = list(S.quant.seeds)
     near = run(S, arch, "nearest", w_bits, a_bits, tags=tags, **kw)
-    recs = [near] + [run(S, arch, m, w_bits, a_bits, seed=seeds[0], tags=tags, **kw) for m in methods]
+    recs = [near] + [run(S, arch, m, w_bits, a_bits, seed=seeds[0], tags=tags, **{**kw, **hp.get(m, {})})
+                     for m in methods]
     first = {r["rounding"]: r["acc"] for r in recs[1:]}
     if needs_more_seeds(first, near["acc"], S.float_acc[arch]):
-        recs += [run(S, arch, m, w_bits, a_bits, seed=s, tags=tags, **kw)
+        recs += [run(S, arch, m, w_bits, a_bits, seed=s, tags=tags, **{**kw, **hp.get(m, {})})
                  for s in seeds[1:] for m in methods]
     return recs
+
+
+# --- selection on the validation split ------------------------------------------------------
+
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def select(S: Setup, arch: str, rounding: str, name: str, grid, *, w_bits, a_bits: int | None = None,
+           seeds=(0,), split: str = "val", fixed: dict | None = None, use_cache: bool = True,
+           progress: bool = True) -> dict:
+    """Pick the value of one of quantize()'s hyperparameters (``name``, e.g. ``"lr"`` or
+    ``"tau"``) from ``grid`` by top-1 on the **validation** split, averaged over ``seeds``;
+    ``fixed`` holds the other keyword arguments. Ties go to the first grid value.
+
+    Returns ``{"best": value, "grid": [...], "val_acc": [mean per value], "at_edge": bool,
+    "records": [one per value and seed], ...}``; ``at_edge`` warns that the best value is
+    the grid's first or last, so the grid may be too narrow. The result is cached under a
+    key that covers the float model's weights, the calibration and validation images and
+    every setting, so a later chapter reads the same selection."""
+    if split != "val":
+        raise ValueError(f"hyperparameters are selected on the validation split ('val'); got split={split!r}. "
+                         "The test split is for reported numbers only.")
+    grid, seeds, fixed = list(grid), list(seeds), dict(fixed or {})
+    if not grid:
+        raise ValueError(f"the grid for {name!r} is empty; give at least one value")
+    if not seeds:
+        raise ValueError("seeds is empty; give at least one quantization seed")
+    if name in fixed or name == "seed":
+        raise ValueError(f"{name!r} cannot be both selected and fixed")
+    spec = {"v": SELECTION_VERSION, "rounding": rounding, "name": name, "grid": grid, "seeds": seeds,
+            "w_bits": w_bits, "a_bits": a_bits, "fixed": fixed, "quant": S.quant.kwargs(),
+            "model": _digest(*S.float_models[arch].state_dict().values()),
+            "calib": _digest(S.calib), "val": _digest(*S.val_set.tensors)}
+    path = cache.path_for("selection", spec)
+    hit = cache.load(path) if use_cache else None
+    if hit is not None:
+        return hit
+    todo = [(v, s) for v in grid for s in seeds]
+    bar = tqdm(todo, desc=f"select {name}: {arch} {rounding}", disable=not progress, leave=False)
+    recs = [run(S, arch, rounding, w_bits, a_bits, seed=s, split="val", **{**fixed, name: v})
+            for v, s in bar]
+    for r, (v, _) in zip(recs, todo):
+        r[name] = v
+    means = [sum(r["acc"] for r in recs if r[name] == v) / len(seeds) for v in grid]
+    k = max(range(len(grid)), key=lambda i: (means[i], -i))
+    out = {"arch": arch, "rounding": rounding, "name": name, "best": grid[k], "grid": grid,
+           "val_acc": means, "at_edge": len(grid) > 1 and k in (0, len(grid) - 1),
+           "setting": f"W{w_bits}A{a_bits or 32}", "seeds": seeds, "records": recs}
+    if use_cache:
+        cache.save(out, path)
+    return out
+
+
+def select_lr(S: Setup, arch: str, rounding: str, *, progress: bool = True) -> dict:
+    """The fair-comparison protocol for one learned method on one model: its learning rate
+    selected by :func:`select` from the profile's ``lr_grid`` on the validation split at
+    W{tune_w_bits}A32, seeds ``tune_seeds``, everything else at the profile's settings (τ
+    stays 0.5 for Attention Round; AdaRound keeps its own schedule). The full selection:
+    the curve is chapter 3's sensitivity plot."""
+    if rounding not in TUNED_METHODS:
+        raise ValueError(f"{rounding!r} has no learning rate; the tuned methods are {TUNED_METHODS}")
+    q = S.quant
+    return select(S, arch, rounding, "lr", q.lr_grid, w_bits=q.tune_w_bits, seeds=q.tune_seeds,
+                  progress=progress)
+
+
+def tuned(S: Setup, arch: str, rounding: str, *, progress: bool = True) -> dict:
+    """quantize()'s keyword arguments that the protocol selected for ``rounding`` on
+    ``arch``: ``{"lr": best}`` from :func:`select_lr` for a learned method, ``{}`` for the
+    fixed rules (nothing to tune). Pass them on: ``run(S, arch, r, 3, **tuned(S, arch, r))``."""
+    if rounding not in TUNED_METHODS:
+        return {}
+    return {"lr": select_lr(S, arch, rounding, progress=progress)["best"]}
 
 
 # --- tables ------------------------------------------------------------------------------

@@ -203,15 +203,15 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return padded[:, :, dy:dy + h, dx:dx + w]
 
 
-def train(model: nn.Module, train_set: TensorDataset, test_set: TensorDataset | None = None, *,
+def train(model: nn.Module, train_set: TensorDataset, val_set: TensorDataset | None = None, *,
           epochs: int, batch_size: int = 128, lr: float = 0.1, momentum: float = 0.9,
           weight_decay: float = 5e-4, augment: bool = False, seed: int = 0,
           device: str | torch.device = "auto", desc: str = "train") -> dict:
     """Train in place with SGD (Nesterov momentum) and a one-cycle learning rate; the batch
     order, initialisation-independent randomness and augmentation all follow ``seed``.
 
-    Returns a history dict: per-epoch ``train_loss``, ``train_acc``, ``test_acc`` (if a test
-    set is given) and the total ``seconds``."""
+    Returns a history dict: per-epoch ``train_loss``, ``train_acc``, ``val_acc`` (if a
+    validation set is given; the test set has no place here) and the total ``seconds``."""
     if epochs < 1:
         raise ValueError(f"epochs must be ≥ 1, got {epochs}")
     dev = resolve_device(device)
@@ -224,7 +224,7 @@ def train(model: nn.Module, train_set: TensorDataset, test_set: TensorDataset | 
                           weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,
                                                 steps_per_epoch=steps_per_epoch, pct_start=0.25)
-    hist = {"train_loss": [], "train_acc": [], "test_acc": []}
+    hist = {"train_loss": [], "train_acc": [], "val_acc": []}
     start = time.perf_counter()
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, unit="batch", mininterval=2.0)
     for _ in range(epochs):
@@ -248,11 +248,11 @@ def train(model: nn.Module, train_set: TensorDataset, test_set: TensorDataset | 
             bar.update()
         hist["train_loss"].append(loss_sum / len(images))
         hist["train_acc"].append(correct / len(images))
-        if test_set is not None:
-            hist["test_acc"].append(evaluate(model, test_set, device=dev))
+        if val_set is not None:
+            hist["val_acc"].append(evaluate(model, val_set, device=dev))
             model.train()
         bar.set_postfix(loss=f"{hist['train_loss'][-1]:.3f}",
-                        test=f"{hist['test_acc'][-1]:.4f}" if hist["test_acc"] else "-")
+                        val=f"{hist['val_acc'][-1]:.4f}" if hist["val_acc"] else "-")
     bar.close()
     hist["seconds"] = time.perf_counter() - start
     model.eval()
@@ -260,7 +260,10 @@ def train(model: nn.Module, train_set: TensorDataset, test_set: TensorDataset | 
 
 
 def _spec(arch: str, profile: str, dataset: str) -> dict:
+    from qlib import data
+
     return {"arch": arch, "dataset": dataset, "profile": profile,
+            "val_holdout": {"size": data.VAL_SIZE, "seed": data.VAL_SEED},
             "train": profiles.get(profile).train.as_dict(), "model_repr": repr(build(arch))}
 
 
@@ -270,7 +273,8 @@ def pretrained(arch: str, profile: str = "quick", dataset: str = "fashion-mnist"
     then loaded from the cache (key: architecture, data, profile, training settings).
 
     With ``return_info=True`` also returns the training record: history (per-epoch loss
-    and accuracy), wall time, device, test accuracy and whether it came from the cache."""
+    and validation accuracy), wall time, device, final validation and test accuracy, and
+    whether it came from the cache."""
     from qlib import data  # local import: data imports cache, models is imported by data users
 
     spec = _spec(arch, profile, dataset)
@@ -284,12 +288,14 @@ def pretrained(arch: str, profile: str = "quick", dataset: str = "fashion-mnist"
         settings = profiles.get(profile).train.as_dict()
         torch.manual_seed(settings["seed"])
         model = build(arch)
-        train_set, test_set = data.load(dataset, "train"), data.load(dataset, "test")
-        hist = train(model, train_set, test_set, device=device, desc=f"train {arch}", **settings)
+        train_set, val_set = data.load(dataset, "train"), data.load(dataset, "val")
+        hist = train(model, train_set, val_set, device=device, desc=f"train {arch}", **settings)
         model.cpu()
-        info = {"history": {k: hist[k] for k in ("train_loss", "train_acc", "test_acc")},
+        info = {"history": {k: hist[k] for k in ("train_loss", "train_acc", "val_acc")},
                 "seconds": hist["seconds"], "device": str(resolve_device(device)),
-                "test_acc": hist["test_acc"][-1], "threads": torch.get_num_threads()}
+                "val_acc": hist["val_acc"][-1],
+                "test_acc": evaluate(model, data.load(dataset, "test")),
+                "threads": torch.get_num_threads()}
         cache.save({"state_dict": model.state_dict(), "info": info, "spec": cache.key(spec)}, path)
         info = dict(info, from_cache=False)
     model.eval()

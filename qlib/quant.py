@@ -18,6 +18,7 @@ the state dict too (``quant_report``).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -296,8 +297,8 @@ def _init_act_steps(fp: nn.Module, q: nn.Module, names: list[str], calib: torch.
         q.get_submodule(n).act.init_from(x_in)
 
 
-def _calibrate_units(fp, q, calib, blocks, *, iters, batch_size, lr, rounding, generator, dev,
-                     progress) -> dict[str, list[float]]:
+def _calibrate_units(fp, q, calib, blocks, *, iters, batch_size, lr, act_lr, rounding, generator,
+                     dev, progress) -> dict[str, list[float]]:
     """Reconstruct every unit in forward order; returns each unit's loss curve."""
     units = calibration_units(q, (QuantLayer,), blocks)
     # The float units' outputs (the targets) never change: one pass for all of them. Each
@@ -312,7 +313,7 @@ def _calibrate_units(fp, q, calib, blocks, *, iters, batch_size, lr, rounding, g
         qlayers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
         with torch.enable_grad():
             losses[u] = reconstruct(unit, qlayers, x, y, iters=iters, batch_size=batch_size, lr=lr,
-                                    rounding=rounding, generator=generator,
+                                    act_lr=act_lr, rounding=rounding, generator=generator,
                                     desc=f"{rounding} {k + 1}/{len(units)} {u}", progress=progress)
         for m in qlayers:
             m.finalize()
@@ -323,7 +324,7 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
              rounding: str = "attention", tau: float = 0.5, iters: int = 2000,
              batch_size: int = 64, lr: float = 4e-4, first_last_bits: int = 8,
              device: str | torch.device = "auto", seed: int = 0, tau_units: str = "grid",
-             blocks=None, progress: bool = True) -> nn.Module:
+             blocks=None, act_lr: float | None = None, progress: bool = True) -> nn.Module:
     """A quantized copy of ``model`` (which is left untouched), calibrated on ``calib``.
 
     w_bits: an int, or ``{layer_name: bits}`` for every quantized layer (first and last
@@ -331,6 +332,8 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
     a_bits: bits for the input of every layer but the first (None: activations stay float).
     rounding: nearest, floor, ceil, stochastic (fixed, no calibration), adaround or
         attention (eq. 3–6; unit-by-unit reconstruction, ``iters`` Adam steps per unit).
+    lr, act_lr: Adam's learning rates for the rounding variables (α or V) and for the
+        activation step sizes (None: lr/10, BRECQ's ratio).
     tau: the std of Attention Round's α. ``tau_units="grid"`` (the book's reading) takes τ in
         grid steps, α ~ N(0, τ²); ``"weight"`` is the literal reading α ~ N(0, (τ/s)²).
     blocks: module types reconstructed as one unit (default :data:`DEFAULT_BLOCKS`,
@@ -339,6 +342,9 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
     The returned model is on the CPU and carries ``quant_report`` (seconds, images,
     iterations, device, bits and the per-unit reconstruction losses), part of its state."""
     _check_args(calib, rounding, tau, tau_units, a_bits, first_last_bits, iters, batch_size)
+    for name, value in (("lr", lr), ("act_lr", act_lr)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0 (Adam's step size), got {value!r}")
     blocks = check_blocks(blocks)
     start = time.perf_counter()
     dev = resolve_device(device)
@@ -353,7 +359,7 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
     losses = {}
     if rounding in LEARNED:
         losses = _calibrate_units(fp, q, calib, blocks, iters=iters, batch_size=batch_size, lr=lr,
-                                  rounding=rounding, generator=gen, dev=dev, progress=progress)
+                                  act_lr=act_lr, rounding=rounding, generator=gen, dev=dev, progress=progress)
     for m in quant_layers(q).values():
         m.finalize()  # a no-op for the fixed rules and for every calibrated unit
     q.requires_grad_(False)

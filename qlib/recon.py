@@ -25,12 +25,12 @@ def adaround_schedule(step: int, iters: int) -> tuple[float, float]:
     return (20.0, 0.0) if beta is None else (beta, 0.01)
 
 
-def _optimizer(qlayers: list, lr: float, on_gpu: bool, use_graph: bool):
+def _optimizer(qlayers: list, lr: float, act_lr: float, on_gpu: bool, use_graph: bool):
     round_params = [p for q in qlayers for p in q.rounding_params()]
     act_params = [q.act.scale for q in qlayers if q.act is not None and q.act.enabled]
     groups = [{"params": round_params, "lr": lr}] if round_params else []
     if act_params:
-        groups.append({"params": act_params, "lr": lr / 10})  # as BRECQ: steps learn slower
+        groups.append({"params": act_params, "lr": act_lr})
     if not groups:
         return None
     # fused Adam on a GPU: one kernel for all parameters; capturable so a graph can replay it
@@ -99,14 +99,15 @@ def _run_graph(step, opt, batches, losses, schedule, bar, dev: torch.device) -> 
 
 def reconstruct(unit: nn.Module, qlayers: list, x: torch.Tensor, y: torch.Tensor, *,
                 iters: int, batch_size: int, lr: float, rounding: str,
-                generator: torch.Generator, desc: str = "", progress: bool = True,
-                cuda_graph: bool = True) -> list[float]:
+                generator: torch.Generator, act_lr: float | None = None, desc: str = "",
+                progress: bool = True, cuda_graph: bool = True) -> list[float]:
     """Train ``qlayers`` (the quantized layers inside ``unit``) so that unit(x) matches y;
     returns the reconstruction loss of every step. Rounding variables learn at ``lr``,
-    activation steps at lr/10. Every mini-batch is drawn up front from ``generator`` and
-    moved once, and the losses stay on the device: the loop never waits for the GPU."""
+    activation steps at ``act_lr`` (None: lr/10; as BRECQ, steps learn slower). Every
+    mini-batch is drawn up front from ``generator`` and moved once, and the losses stay on
+    the device: the loop never waits for the GPU."""
     use_graph = cuda_graph and x.is_cuda and iters > GRAPH_WARMUP
-    opt = _optimizer(qlayers, lr, x.is_cuda, use_graph)
+    opt = _optimizer(qlayers, lr, lr / 10 if act_lr is None else act_lr, x.is_cuda, use_graph)
     if opt is None or iters == 0:
         return []
     adaround = rounding == "adaround"

@@ -81,6 +81,21 @@ def test_chapter3_learned_rounding_rescues_low_bits():
     assert float(v["w4_max_drop"]) < 1.5, "Attention Round at W4A32 should stay within 1.5 points of float"
 
 
+def test_chapter3_glues_learning_rates_selected_on_validation():
+    """Each learned method's rate per model is glued, and is a point of the profile's grid."""
+    import math
+
+    from qlib import experiments, models, profiles
+
+    v = _values("03_attention_round_ptq")
+    grid = profiles.get("quick").quant.lr_grid
+    for arch in models.ARCHS:
+        for m in experiments.TUNED_METHODS:
+            lr = float(v[f"lr_{arch}_{m}"])
+            assert any(math.isclose(lr, g) for g in grid), f"{arch} {m}: lr {lr} is not on the grid {grid}"
+    assert v["tune_setting"] == "'W2A32'" and int(v["n_val"]) == 5000
+
+
 def test_chapter4_coding_length_and_sizes():
     v = _values("04_mixed_precision")
     assert float(v["check_max_diff"]) < 1e-6, "eq. 12 via the Gram matrix disagrees with the direct determinant"

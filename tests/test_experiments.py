@@ -36,7 +36,9 @@ def test_verdict_words():
 
 def test_profiles_are_typed_and_give_quantize_kwargs():
     q = profiles.get("quick").quant
-    assert q.kwargs() == {"iters": q.iters, "batch_size": q.batch_size, "lr": q.lr, "seed": q.seeds[0]}
+    assert q.kwargs() == {"iters": q.iters, "batch_size": q.batch_size, "lr": q.lr, "act_lr": q.act_lr,
+                          "seed": q.seeds[0]}
+    assert list(q.lr_grid) == sorted(q.lr_grid) and len(q.lr_grid) >= 5
     assert q.kwargs(seed=1, tau=0.2)["seed"] == 1 and q.kwargs(tau=0.2)["tau"] == 0.2
     paper = profiles.get("paper")
     assert (paper.quant.calib_images, paper.quant.iters, paper.quant.lr, paper.quant.batch_size) == (1024, 2000, 4e-4, 64)
@@ -55,7 +57,7 @@ def _tiny_setup():
     test = TensorDataset(x, y)  # the float model is right on every image: 100%
     quick = profiles.get("quick")
     p = dataclasses.replace(quick, quant=dataclasses.replace(quick.quant, iters=3, batch_size=16, seeds=(0, 1, 2)))
-    return experiments.Setup(p, test, test, x[:32], {"net": net}, {"net": 100.0}, torch.device("cpu"))
+    return experiments.Setup(p, test, test, test, x[:32], {"net": net}, {"net": 100.0}, torch.device("cpu"))
 
 
 def test_run_seeds_and_compare_setting_records():
@@ -74,3 +76,55 @@ def test_run_seeds_and_compare_setting_records():
     assert list(table.columns[:4]) == ["float", "nearest", "adaround", "attention"]
     v = experiments.verdicts(recs, "attention", "adaround")
     assert v.loc[0, "verdict"] in ("Attention Round better", "AdaRound better", "tie")
+
+
+def _toy_selection_setup():
+    """A 3-conv net whose labels are its own float predictions (float = 100% on every split)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    x = torch.randn(384, 1, 6, 6)
+    y = net(x).argmax(1).detach()
+    quick = profiles.get("quick")
+    p = dataclasses.replace(quick, quant=dataclasses.replace(quick.quant, iters=30, batch_size=32, seeds=(0,)))
+    split = lambda a, b: TensorDataset(x[a:b], y[a:b])  # noqa: E731
+    return experiments.Setup(p, split(0, 128), split(128, 256), split(256, 384), x[:128], {"net": net},
+                             {"net": 100.0}, torch.device("cpu"))
+
+
+def test_selection_refuses_the_test_split():
+    S = _toy_selection_setup()
+    with pytest.raises(ValueError, match="validation split"):
+        experiments.select(S, "net", "attention", "lr", [1e-2], w_bits=2, split="test")
+    with pytest.raises(ValueError, match="empty"):
+        experiments.select(S, "net", "attention", "lr", [], w_bits=2)
+    with pytest.raises(ValueError, match="both selected and fixed"):
+        experiments.select(S, "net", "attention", "lr", [1e-2], w_bits=2, fixed={"lr": 1e-3})
+
+
+def test_selection_picks_the_known_best_lr(tmp_cache):
+    """Every layer at 2 bits and α drawn with τ = 1 grid step: rounding starts far from any
+    good solution. At lr 1e-7 α cannot move in 30 steps (the start stays), at 1e4 Adam
+    throws every α past the grid's ends; only the middle lr can reconstruct. The test
+    split's labels are scrambled, so a selection that looked at it would be lost."""
+    S = _toy_selection_setup()
+    scrambled = S.test_set.tensors[1][torch.randperm(len(S.test_set.tensors[1]))]
+    S.test_set = TensorDataset(S.test_set.tensors[0], (scrambled + 1) % 10)
+    fixed = {"tau": 1.0, "first_last_bits": 2}
+    grid = [1e-7, 3e-2, 1e4]
+    sel = experiments.select(S, "net", "attention", "lr", grid, w_bits=2, fixed=fixed, progress=False)
+    assert sel["best"] == 3e-2, sel["val_acc"]
+    assert not sel["at_edge"] and sel["setting"] == "W2A32"
+    assert [r["lr"] for r in sel["records"]] == grid and all(r["split"] == "val" for r in sel["records"])
+    assert sel["val_acc"][1] > max(sel["val_acc"][0], sel["val_acc"][2]) + 5
+    # cached: a second call reads the same selection without quantizing
+    assert experiments.select(S, "net", "attention", "lr", grid, w_bits=2, fixed=fixed, progress=False) == sel
+    assert len(list((tmp_cache / "selection").glob("*.pt"))) == 1
+
+
+def test_tuned_returns_each_methods_lr_and_nothing_for_fixed_rules(tmp_cache):
+    S = _toy_selection_setup()
+    S.profile = dataclasses.replace(S.profile, quant=dataclasses.replace(S.quant, lr_grid=(1e-2, 1e-1)))
+    assert experiments.tuned(S, "net", "nearest") == {}
+    hp = experiments.tuned(S, "net", "adaround", progress=False)
+    assert set(hp) == {"lr"} and hp["lr"] in (1e-2, 1e-1)
