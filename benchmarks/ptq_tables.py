@@ -5,8 +5,10 @@ images, 2,000 steps per module, 3 seeds) on a GPU, where the book's notebooks do
     python benchmarks/ptq_tables.py --quant-profile paper --models-profile quick \\
         --settings W4A32 W3A32 W2A32 W4A4 W3A4 --json results.json
 
-Prints one row per (model, setting): accuracy of each method as mean ± std over seeds, and
-the mean seconds of one Attention Round calibration.
+Each learned method runs at its own learning rate, selected on the validation split by
+experiments.tuned (the book's protocol; cached, so a second run reuses it). Prints the
+selected rates, then one row per (model, setting): accuracy of each method as mean ± std
+over seeds, and the mean seconds of one Attention Round calibration.
 """
 from __future__ import annotations
 
@@ -35,8 +37,11 @@ def main() -> None:
     S = experiments.setup(args.models_profile, archs=args.models, quant_profile=args.quant_profile)
     qs = S.quant
     print(f"device: {models.describe_device(S.device)}; torch {torch.__version__}; quant profile "
-          f"{args.quant_profile} ({qs.calib_images} images, {qs.iters} steps/module, lr {qs.lr}, "
+          f"{args.quant_profile} ({qs.calib_images} images, {qs.iters} steps/module, lr grid {list(qs.lr_grid)}, "
           f"batch {qs.batch_size}, seeds {list(qs.seeds)}); float models: {args.models_profile} profile")
+    hp = {(a, m): experiments.tuned(S, a, m) for a in args.models for m in experiments.TUNED_METHODS}
+    print("selected on validation at", f"W{qs.tune_w_bits}A32:",
+          ", ".join(f"{a} {m} lr {v['lr']:g}" for (a, m), v in hp.items()), flush=True)
     print(f"{'model':12s} {'setting':8s} {'float':>6s} {'nearest':>8s} {'AdaRound':>15s} "
           f"{'Attention':>15s} {'att s':>6s}", flush=True)
     runs = []
@@ -44,7 +49,8 @@ def main() -> None:
         w, a = parse_setting(setting)
         for arch in args.models:
             recs = [r for rounding in ("nearest", "adaround", "attention")
-                    for r in experiments.run_seeds(S, arch, rounding, w, a, tags={"setting": setting})]
+                    for r in experiments.run_seeds(S, arch, rounding, w, a, tags={"setting": setting},
+                                                   **hp.get((arch, rounding), {}))]
             runs += recs
             row = experiments.summarize(recs, ["rounding"]).set_index("rounding")
             cell = {m: experiments.fmt_mean_std(r["mean"], r["std"], int(r["count"]), show_n=False)
