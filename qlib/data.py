@@ -180,12 +180,12 @@ def load(name: str = "fashion-mnist", split: str = "train", root=None) -> Tensor
     if key not in _memo:
         if split == "test":
             _memo[key] = _LOADERS[name]("test", root)
-        else:
+        else:  # one read of the published training images gives both train and val
             x, y = _LOADERS[name]("train", root).tensors
             held = torch.zeros(len(y), dtype=torch.bool)
             held[val_indices(len(y))] = True
-            keep = held if split == "val" else ~held
-            _memo[key] = TensorDataset(x[keep].clone(), y[keep].clone())
+            _memo[(name, "val", str(root))] = TensorDataset(x[held], y[held])
+            _memo[(name, "train", str(root))] = TensorDataset(x[~held], y[~held])
     return _memo[key]
 
 

@@ -135,15 +135,15 @@ def compare_setting(S: Setup, arch: str, w_bits, a_bits: int | None = None, *,
     seeds for all learned methods where :func:`needs_more_seeds` says so. ``hparams`` maps
     a method to its own keyword arguments (e.g. ``{"adaround": {"lr": 0.2}}``, from
     :func:`tuned`); ``kw`` go to every call."""
-    hp = hparams or {}
+    def learned(m: str, seed: int) -> dict:
+        return run(S, arch, m, w_bits, a_bits, seed=seed, tags=tags, **{**kw, **(hparams or {}).get(m, {})})
+
     seeds = list(S.quant.seeds)
     near = run(S, arch, "nearest", w_bits, a_bits, tags=tags, **kw)
-    recs = [near] + [run(S, arch, m, w_bits, a_bits, seed=seeds[0], tags=tags, **{**kw, **hp.get(m, {})})
-                     for m in methods]
+    recs = [near] + [learned(m, seeds[0]) for m in methods]
     first = {r["rounding"]: r["acc"] for r in recs[1:]}
     if needs_more_seeds(first, near["acc"], S.float_acc[arch]):
-        recs += [run(S, arch, m, w_bits, a_bits, seed=s, tags=tags, **{**kw, **hp.get(m, {})})
-                 for s in seeds[1:] for m in methods]
+        recs += [learned(m, s) for s in seeds[1:] for m in methods]
     return recs
 
 
