@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -75,6 +76,9 @@ class ActQuant(nn.Module):
         if not self.enabled:
             return x
         lo, hi = grid(self.bits, self.signed)
+        if not torch.is_grad_enabled():
+            # evaluation: the same grid in three in-place passes instead of LSQ's six
+            return (x / self.scale).clamp_(lo, hi).round_().mul_(self.scale)
         g = 1.0 / (x[0].numel() * hi) ** 0.5
         s = self.scale * g + (self.scale * (1 - g)).detach()  # LSQ gradient scaling
         v = torch.clamp(x / s, lo, hi)
@@ -287,14 +291,39 @@ def _insert_quant_layers(fp: nn.Module, names, bits, a_bits, first_last_bits, ro
     return q.eval()
 
 
-def _init_act_steps(fp: nn.Module, q: nn.Module, names: list[str], calib: torch.Tensor,
-                    batch_size: int, dev: torch.device) -> None:
+# Initial activation steps depend only on the float model, the first 256 calibration images
+# and the bit widths, yet cost a capture pass and one search per layer: populations and
+# tables quantize one float model many times, so they are kept per model object (weakly: an
+# entry dies with its model) under a key that changes when any weight is modified in place.
+_ACT_INIT_MEMO: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _act_init_key(model: nn.Module, calib: torch.Tensor, a_bits: int, first_last_bits: int, dev) -> tuple:
+    tensors = list(model.parameters()) + list(model.buffers())
+    head = calib[:256]
+    return (tuple((id(t), t._version) for t in tensors), calib.data_ptr(), calib._version,
+            tuple(head.shape), float(head.double().sum()), a_bits, first_last_bits, str(dev))
+
+
+def _init_act_steps(model: nn.Module, fp: nn.Module, q: nn.Module, names: list[str], calib: torch.Tensor,
+                    batch_size: int, dev: torch.device, a_bits: int, first_last_bits: int) -> None:
     """Every activation step size from an MSE search on the float model's layer inputs
-    (256 images, one capture pass)."""
-    inputs = capture_many(fp, [fp.get_submodule(n) for n in names[1:]], calib[:256],
-                          batch_size, dev, "input")
-    for n, x_in in zip(names[1:], inputs):
-        q.get_submodule(n).act.init_from(x_in)
+    (256 images, one capture pass), memoised per float model."""
+    key = _act_init_key(model, calib, a_bits, first_last_bits, dev)
+    memo = _ACT_INIT_MEMO.setdefault(model, {})
+    if key not in memo:
+        inputs = capture_many(fp, [fp.get_submodule(n) for n in names[1:]], calib[:256],
+                              batch_size, dev, "input")
+        for n, x_in in zip(names[1:], inputs):
+            q.get_submodule(n).act.init_from(x_in)
+        if len(memo) >= 16:  # a few bit widths per model; stale weight versions age out
+            memo.pop(next(iter(memo)))
+        memo[key] = {n: (q.get_submodule(n).act.scale.item(), q.get_submodule(n).act.signed) for n in names[1:]}
+        return
+    for n, (scale, signed) in memo[key].items():
+        act = q.get_submodule(n).act
+        act.scale.data.fill_(scale)
+        act.signed, act.enabled = signed, True
 
 
 def _calibrate_units(fp, q, calib, blocks, *, iters, batch_size, lr, act_lr, rounding, generator,
@@ -355,7 +384,7 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
     q = _insert_quant_layers(fp, names, bits, a_bits, first_last_bits, rounding, tau, tau_units, gen, dev)
     calib = calib.to(dev)
     if a_bits is not None:
-        _init_act_steps(fp, q, names, calib, batch_size, dev)
+        _init_act_steps(model, fp, q, names, calib, batch_size, dev, a_bits, first_last_bits)
     losses = {}
     if rounding in LEARNED:
         losses = _calibrate_units(fp, q, calib, blocks, iters=iters, batch_size=batch_size, lr=lr,
