@@ -1,7 +1,10 @@
-"""The book's one rule for calling a difference between two methods real."""
+"""The book's one rule for calling a difference between two methods real, and the error
+metrics (with bootstrap intervals) that chapter 5 judges accuracy predictors by."""
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 
 def difference_is_real(mean_a: float, std_a: float, mean_b: float, std_b: float, n: int,
@@ -25,3 +28,56 @@ def verdict(mean_a: float, std_a: float, mean_b: float, std_b: float, n: int,
     if not real:
         return two_se, "tie"
     return two_se, f"{names[0] if mean_a > mean_b else names[1]} better"
+
+
+# --- predictors: error metrics with bootstrap intervals ------------------------------------
+
+def _point_metrics(y, p) -> dict[str, float]:
+    from scipy import stats
+
+    err = p - y
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    const = len(set(np.round(y, 9))) < 2 or len(set(np.round(p, 9))) < 2
+    return {"MAE": float(np.abs(err).mean()), "RMSE": float(np.sqrt((err ** 2).mean())),
+            "max": float(np.abs(err).max()), "bias": float(err.mean()),
+            "Spearman": math.nan if const else float(stats.spearmanr(y, p).statistic),
+            "Kendall": math.nan if const else float(stats.kendalltau(y, p).statistic),
+            "R2": 1 - float((err ** 2).sum()) / ss_tot if ss_tot > 0 else math.nan}
+
+
+def regression_metrics(y_true, y_pred, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """MAE, RMSE, max |error|, bias (mean of prediction − truth), Spearman and Kendall rank
+    correlation and R² of ``y_pred`` against ``y_true`` (points), each with a percentile
+    bootstrap interval over the evaluated items (``n_boot`` resamples, ``level``).
+    Returns {metric: (value, low, high)}."""
+    y, p = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
+    if y.shape != p.shape or y.ndim != 1 or len(y) == 0:
+        raise ValueError(f"y_true and y_pred must be equal-length non-empty 1-D, got {y.shape} and {p.shape}")
+    point = _point_metrics(y, p)
+    rng = np.random.default_rng(seed)
+    boots = {k: [] for k in point}
+    for _ in range(n_boot if len(y) > 1 else 0):
+        i = rng.integers(0, len(y), len(y))
+        for k, v in _point_metrics(y[i], p[i]).items():
+            boots[k].append(v)
+    a = (1 - level) / 2
+    out = {}
+    for k, v in point.items():
+        b = np.asarray([x for x in boots[k] if not math.isnan(x)])
+        out[k] = (v, float(np.quantile(b, a)), float(np.quantile(b, 1 - a))) if len(b) else (v, math.nan, math.nan)
+    return out
+
+
+def mae_difference(y_true, pred_a, pred_b, *, n_boot: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """MAE(a) − MAE(b) on the same items with a paired percentile bootstrap interval:
+    (difference, low, high). An interval that excludes 0 is the book's "beyond the
+    intervals" for two predictors."""
+    y, a, b = (np.asarray(v, dtype=float) for v in (y_true, pred_a, pred_b))
+    if not (y.shape == a.shape == b.shape) or len(y) == 0:
+        raise ValueError("y_true, pred_a and pred_b must be equal-length and non-empty")
+    d = np.abs(a - y) - np.abs(b - y)
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
+    q = (1 - level) / 2
+    return float(d.mean()), float(np.quantile(boots, q)), float(np.quantile(boots, 1 - q))

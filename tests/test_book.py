@@ -102,6 +102,18 @@ def test_chapter4_coding_length_and_sizes():
     assert float(v["size_min"]) < float(v["size_max"]), "ε² should move the ResNet's size"
 
 
+def test_chapter5_predictor_held_out_error():
+    """The glued held-out MAE is a real error of the encoder on configurations it never saw:
+    finite, positive, within its own bootstrap interval, and far below what always
+    predicting the float accuracy of a collapsed model would give."""
+    v = _values("05_accuracy_predictor")
+    mae, lo, hi = (float(v[k]) for k in ("enc_mae", "enc_mae_lo", "enc_mae_hi"))
+    assert 0 < lo <= mae <= hi, (lo, mae, hi)
+    assert mae < 5.0, f"held-out MAE {mae:.2f} points: the predictor has not learned the population"
+    assert -1 <= float(v["enc_spearman"]) <= 1
+    assert int(v["n_test_configs"]) >= 15
+
+
 def test_book_builds():
     html = book.build()
     index = html / "index.html"

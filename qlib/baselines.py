@@ -1,0 +1,109 @@
+"""The cheap predictors the accuracy encoder must beat (DESIGN.md, "fair comparisons").
+
+Each takes population records (see :mod:`qlib.population`) split by configuration and
+returns predicted top-1 (%) for the test records; whatever it tunes (a ridge penalty, an
+MLP's size) is chosen on the validation records, never on the test ones.
+
+* :func:`train_mean` — the training configurations' mean label;
+* :func:`probe_top1` — top-1 on the probe images the histograms are taken on;
+* :func:`paired` — the float model's exact test top-1 plus the quantized − float
+  difference on the same probe images (the noise is only in the disagreements);
+* :func:`ridge` on ``"agree"`` features — agreement with the float model's predictions on
+  the probe images plus the per-layer bits; on ``"weights"`` features — per-layer bits and
+  weight SQNR, activation bits and rounding: no forward pass at all;
+* :func:`mlp` — a multilayer perceptron on the same flattened histogram tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+MLP_GRID = tuple((h, a) for h in ((64,), (128, 64)) for a in (1e-2, 1.0, 10.0))
+ROUNDINGS = ("nearest", "stochastic", "adaround", "attention")
+
+
+def labels(records: list[dict]) -> np.ndarray:
+    return np.asarray([r["acc"] for r in records], dtype=float)
+
+
+def train_mean(train: list[dict], test: list[dict]) -> np.ndarray:
+    return np.full(len(test), labels(train).mean())
+
+
+def probe_top1(test: list[dict]) -> np.ndarray:
+    return np.asarray([r["probe_acc"] for r in test], dtype=float)
+
+
+def paired(test: list[dict], float_ref: dict) -> np.ndarray:
+    """float top-1 (full test set, exact) + (probe top-1 − float probe top-1)."""
+    return float_ref["acc"] + probe_top1(test) - float_ref["probe_acc"]
+
+
+def features(records: list[dict], kind: str) -> np.ndarray:
+    """Per-configuration feature rows: ``"weights"`` (no forward pass: per-layer bits and
+    weight SQNR, activation bits with float as 32, rounding one-hot) or ``"agree"`` (probe
+    agreement with the float model, per-layer bits)."""
+    rows = []
+    for r in records:
+        bits = [float(b) for b in r["config"]["w_bits"].values()]
+        if kind == "weights":
+            a = r["config"]["a_bits"] or 32
+            rows.append(bits + list(r["sqnr"]) + [float(a), 1.0 / a] +
+                        [float(r["config"]["rounding"] == k) for k in ROUNDINGS])
+        elif kind == "agree":
+            rows.append([r["probe_agree"]] + bits)
+        else:
+            raise ValueError(f"kind must be 'weights' or 'agree', got {kind!r}")
+    return np.asarray(rows, dtype=float)
+
+
+def _fit_select(make, grid, Xtr, ytr, Xva, yva):
+    """Fit ``make(h)`` for each h of ``grid`` on train, keep the lowest validation MAE."""
+    best = None
+    for h in grid:
+        m = make(h).fit(Xtr, ytr)
+        mae = float(np.abs(m.predict(Xva) - yva).mean())
+        if best is None or mae < best[0]:
+            best = (mae, h, m)
+    return best
+
+
+def ridge(train: list[dict], val: list[dict], test: list[dict], kind: str) -> tuple[np.ndarray, dict]:
+    """Standardised ridge regression on :func:`features`; the penalty from RIDGE_ALPHAS by
+    validation MAE. Returns test predictions and {"alpha", "val_mae"}."""
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    Xtr, Xva, Xte = (features(s, kind) for s in (train, val, test))
+    mae, alpha, m = _fit_select(lambda a: make_pipeline(StandardScaler(), Ridge(alpha=a)), RIDGE_ALPHAS,
+                                Xtr, labels(train), Xva, labels(val))
+    return m.predict(Xte), {"alpha": alpha, "val_mae": mae}
+
+
+def flat_tokens(records: list[dict], key: str = "tokens_probe") -> np.ndarray:
+    return np.stack([r[key].reshape(-1).numpy() for r in records]).astype(float)
+
+
+def mlp(train: list[dict], val: list[dict], test: list[dict], key: str = "tokens_probe",
+        seed: int = 0) -> tuple[np.ndarray, dict]:
+    """An MLP on the flattened tokens (one architecture: a fixed length), inputs and target
+    standardised, size and weight decay (L2) from MLP_GRID by validation MAE."""
+    import warnings
+
+    from sklearn.compose import TransformedTargetRegressor
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    Xtr, Xva, Xte = (flat_tokens(s, key) for s in (train, val, test))
+
+    def make(h):  # inputs and targets standardised, as the encoder's targets are
+        net = MLPRegressor(hidden_layer_sizes=h[0], alpha=h[1], max_iter=500, random_state=seed)
+        return TransformedTargetRegressor(make_pipeline(StandardScaler(), net), transformer=StandardScaler())
+
+    with warnings.catch_warnings():  # a few hundred samples: Adam stops at max_iter, by design
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mae, h, m = _fit_select(make, MLP_GRID, Xtr, labels(train), Xva, labels(val))
+    return m.predict(Xte), {"hidden": h[0], "alpha": h[1], "val_mae": mae}

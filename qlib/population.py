@@ -1,0 +1,270 @@
+"""A population of quantized models: what chapter 5's accuracy predictor learns from.
+
+A configuration is a small JSON record, never a pickled model; :func:`build` turns it back
+into the same quantized model every time:
+
+    {"arch": "resnet", "kind": "alg1", "w_bits": {"conv1": 8, "layer1.0.conv1": 4, …},
+     "a_bits": 6, "rounding": "nearest", "seed": 0, "quant": {}}
+
+``kind`` says how the bits were drawn: ``uniform`` (one width for every middle layer),
+``random`` (each layer its own width between a random floor and 8), ``alg1`` (Algorithm 1 on
+a random bit list, chapter 4) and ``single`` (one layer at 2 bits, every other at 8: the
+layer-sensitivity probes). Learned roundings record their calibration settings in
+``quant`` (iterations, batch, the learning rate selected on validation, …).
+
+Labelling a configuration is one pass over the full test set (its label, top-1 %, and the
+full-test histograms, read at a stride) plus one over the probe images (the tokens a user
+pays for, the probe top-1 and the agreement with the float model's predictions). A
+population is labelled once per architecture and profile and cached atomically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from qlib import cache, mixed, models, predictor, quant
+from qlib.graph import fold_bn, quantizable_layers
+
+VERSION = 1             # bump when a change to qlib alters what a cached population means
+EPS2 = 1e-3             # Algorithm 1's coding distortion, as in chapter 4
+A_BITS = (None, 8, 6, 5, 4)
+PROBE_SEED = 0
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """The quantized layers of ``model`` (BN folded), first and last included."""
+    return quantizable_layers(fold_bn(model))
+
+
+def config_key(cfg: dict) -> str:
+    """What makes two configurations the same model (for de-duplication and splits)."""
+    return json.dumps({k: cfg[k] for k in ("arch", "w_bits", "a_bits", "rounding", "seed", "quant")},
+                      sort_keys=True)
+
+
+def _config(arch, names, middle_bits: dict, a_bits, rounding, seed, kind, quant_kw) -> dict:
+    w = {n: 8 for n in names}
+    w.update(middle_bits)
+    return {"arch": arch, "kind": kind, "w_bits": w, "a_bits": a_bits, "rounding": rounding,
+            "seed": seed if rounding != "nearest" else 0,
+            "quant": quant_kw if rounding in quant.LEARNED else {}}
+
+
+def sensitivity_configs(arch: str, model: nn.Module) -> list[dict]:
+    """One configuration per middle layer: that layer at 2 bits, every other at 8, nearest
+    rounding, float activations (the measured sensitivity of chapter 5's attention study)."""
+    names = layer_names(model)
+    return [_config(arch, names, {n: 2}, None, "nearest", 0, "single", {}) for n in names[1:-1]]
+
+
+def sample_configs(arch: str, model: nn.Module, n: int, *, seed: int = 0, learned_share: float = 0.15,
+                   learned_kwargs: dict[str, dict] | None = None) -> list[dict]:
+    """``n`` distinct configurations a user of chapters 3–4 would try.
+
+    The draw is shaped so that labels fall densely within ~10 points of float and sparsely
+    in the collapse below: with a fixed rounding a layer gets 2 bits only in one draw in
+    five (2-bit layers under a fixed rule are what collapses a model, chapter 3), and
+    otherwise at least 3 bits (nearest) or 4 (stochastic); learned roundings (``learned_share`` of the draws, with the settings in
+    ``learned_kwargs[rounding]``) may use 2 bits anywhere. Activations: float, 8, 6, 5 or 4
+    bits, equally likely. Bits: uniform 25%, random per layer 40%, Algorithm 1 35%."""
+    if n < 0:
+        raise ValueError(f"n must be ≥ 0, got {n}")
+    rng = random.Random(f"{seed}-{arch}")  # str seeds are stable across runs
+    names = layer_names(model)
+    middle = names[1:-1]
+    learned_kwargs = learned_kwargs or {}
+    learned = [r for r in quant.LEARNED if r in learned_kwargs]
+    out, seen, tries = [], set(), 0
+    while len(out) < n:
+        tries += 1
+        if tries > 100 * (n + 10):
+            raise RuntimeError(f"could not draw {n} distinct configurations for {arch}")
+        if learned and rng.random() < learned_share:
+            rounding = rng.choice(learned)
+        else:
+            rounding = "nearest" if rng.random() < 0.55 else "stochastic"
+        # the lowest width allowed: 2 for learned roundings and in one fixed-rule draw in five
+        # (the collapse tail); else 3 for nearest and 4 for stochastic, whose unbiased but
+        # noisy choice costs about a bit (chapter 1)
+        if rounding in quant.LEARNED or rng.random() < 0.2:
+            low = 2
+        else:
+            low = 3 if rounding == "nearest" else 4
+        allowed = list(range(low, 9))
+        a_bits = rng.choice(A_BITS)
+        u = rng.random()
+        if u < 0.25:
+            kind, b = "uniform", rng.choice(allowed)
+            bits = {m: b for m in middle}
+        elif u < 0.65:
+            kind, floor = "random", rng.choice(allowed[:-1])
+            bits = {m: rng.randint(floor, 8) for m in middle}
+        else:
+            kind = "alg1"
+            bitlist = sorted(rng.sample(allowed, rng.randint(2, min(4, len(allowed)))))
+            bits = mixed.allocate_bits(model, bitlist, EPS2)
+        cfg = _config(arch, names, bits, a_bits, rounding, rng.randrange(1000), kind,
+                      learned_kwargs.get(rounding, {}))
+        if config_key(cfg) not in seen:
+            seen.add(config_key(cfg))
+            out.append(cfg)
+    return out
+
+
+def build(cfg: dict, float_model: nn.Module, calib: torch.Tensor) -> nn.Module:
+    """The quantized model a configuration describes (deterministic: the same record, float
+    model and calibration images give the same integer weights)."""
+    for k in ("w_bits", "a_bits", "rounding", "seed"):
+        if k not in cfg:
+            raise ValueError(f"configuration lacks {k!r}: {cfg}")
+    return quant.quantize(float_model, calib, w_bits=dict(cfg["w_bits"]), a_bits=cfg["a_bits"],
+                          rounding=cfg["rounding"], seed=cfg["seed"], progress=False, **cfg.get("quant", {}))
+
+
+@torch.no_grad()
+def weight_sqnr(qmodel: nn.Module, folded_float: nn.Module) -> list[float]:
+    """Per quantized layer, 10·log10(‖W‖² / ‖W − Ŵ‖²) in dB: no forward pass needed."""
+    out = []
+    for n, m in quant.quant_layers(qmodel).items():
+        w = folded_float.get_submodule(n).weight
+        err = float((w - m.weight()).pow(2).sum())
+        out.append(10 * math.log10(float(w.pow(2).sum()) / err) if err > 0 else 100.0)
+    return out
+
+
+def probe_indices(n_test: int, P: int, seed: int = PROBE_SEED) -> torch.Tensor:
+    """The fixed probe set: P test images drawn once (seed 0)."""
+    if not 1 <= P <= n_test:
+        raise ValueError(f"probe size must be in 1..{n_test}, got {P}")
+    return torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))[:P]
+
+
+def label(cfg: dict, float_model: nn.Module, folded: nn.Module, calib: torch.Tensor, test_set,
+          probe: torch.Tensor, float_probe_preds: torch.Tensor, probe_labels: torch.Tensor,
+          ranges: dict, bins: int, stride: int) -> dict:
+    """Build one configuration and measure it: label (top-1 % on the full test set), tokens
+    on the full test set (every ``stride``-th value) and on the probe images, probe top-1,
+    agreement with the float model on the probe images, per-layer weight SQNR."""
+    t0 = time.perf_counter()
+    q = build(cfg, float_model, calib)
+    t1 = time.perf_counter()
+    images, labels = test_set.tensors
+    full = predictor.histogram_pass(q, images, bins, ranges, stride=stride, labels=labels)
+    pr = predictor.histogram_pass(q, probe, bins, ranges, labels=probe_labels)
+    return {"config": cfg, "acc": full["acc"], "tokens_full": full["tokens"], "tokens_probe": pr["tokens"],
+            "probe_acc": pr["acc"], "probe_agree": 100 * (pr["preds"] == float_probe_preds).float().mean().item(),
+            "sqnr": weight_sqnr(q, folded), "quant_seconds": t1 - t0,
+            "seconds": time.perf_counter() - t0}
+
+
+def _learned_kwargs(S, arch: str) -> dict[str, dict]:
+    from qlib import experiments
+
+    q = S.quant
+    return {r: {"iters": q.iters, "batch_size": q.batch_size, "act_lr": q.act_lr,
+                "lr": experiments.tuned(S, arch, r, progress=False).get("lr", q.lr)}
+            for r in quant.LEARNED}
+
+
+def population(S, arch: str, *, progress: bool = True) -> dict:
+    """The labelled population of ``arch`` for Setup ``S``'s profile, from the cache or built
+    (with a progress bar) and saved atomically. Returns ``records`` (one dict per
+    configuration, see :func:`label`), ``float`` (the float model's own measurements),
+    ``probe_idx``, ``ranges``, ``bins``, ``stride`` and ``seconds`` (labelling time)."""
+    from qlib import experiments
+
+    P = S.profile.predictor
+    model = S.float_models[arch]
+    images, labels = S.test_set.tensors
+    pidx = probe_indices(len(images), P.probe_images)
+    probe, probe_labels = images[pidx], labels[pidx]
+    learned = _learned_kwargs(S, arch)
+    configs = sensitivity_configs(arch, model) + sample_configs(
+        arch, model, P.configs, seed=P.seed, learned_share=P.learned_share, learned_kwargs=learned)
+    spec = {"version": VERSION, "arch": arch, "profile": S.profile.name,
+            "float": experiments._digest(*[p for p in model.state_dict().values()]),
+            "calib": experiments._digest(S.calib), "test": experiments._digest(images, labels),
+            "probe": pidx.tolist(), "bins": P.bins, "stride": P.full_stride,
+            "configs": cache.key({"c": [config_key(c) for c in configs]})}
+    path = cache.path_for("population", spec)
+    hit = cache.load(path)
+    if hit is not None:
+        return hit
+    start = time.perf_counter()
+    folded = fold_bn(model).eval()
+    ranges = predictor.float_ranges(model, probe)
+    fl_full = predictor.histogram_pass(folded, images, P.bins, ranges, stride=P.full_stride, labels=labels)
+    fl_probe = predictor.histogram_pass(folded, probe, P.bins, ranges, labels=probe_labels)
+    records = []
+    for cfg in tqdm(configs, desc=f"labelling {arch}", disable=not progress):
+        records.append(label(cfg, model, folded, S.calib, S.test_set, probe, fl_probe["preds"], probe_labels,
+                             ranges, P.bins, P.full_stride))
+    pop = {"arch": arch, "records": records, "probe_idx": pidx, "ranges": {k: list(v) for k, v in ranges.items()},
+           "bins": P.bins, "stride": P.full_stride, "seconds": time.perf_counter() - start,
+           "float": {"acc": fl_full["acc"], "probe_acc": fl_probe["acc"], "tokens_full": fl_full["tokens"],
+                     "tokens_probe": fl_probe["tokens"], "probe_preds": fl_probe["preds"]}}
+    cache.save(pop, path)
+    return pop
+
+
+def split(records: list[dict], fractions=(0.6, 0.2, 0.2), seed: int = 0) -> dict[str, list[int]]:
+    """Disjoint train / val / test indices into ``records``, by configuration: a seeded
+    shuffle cut by ``fractions``; identical configurations (same config_key) always land in
+    the same set."""
+    if not records:
+        raise ValueError("the population is empty: label some configurations first")
+    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) <= 0:
+        raise ValueError(f"fractions must be three positive shares summing to 1, got {fractions}")
+    keys = sorted({config_key(r["config"]) for r in records})
+    rng = np.random.default_rng(seed)
+    order = [keys[i] for i in rng.permutation(len(keys))]
+    n_tr = round(fractions[0] * len(keys))
+    n_va = round(fractions[1] * len(keys))
+    where = {k: ("train" if i < n_tr else "val" if i < n_tr + n_va else "test") for i, k in enumerate(order)}
+    out = {"train": [], "val": [], "test": []}
+    for i, r in enumerate(records):
+        out[where[config_key(r["config"])]].append(i)
+    return out
+
+
+def trained_predictor(arch: str, profile: str = "quick", *, progress: bool = True) -> dict:
+    """Chapter 5's predictor (probe-image tokens, all three architectures' training configs)
+    with ``arch``'s probe images, ranges and bins: what predictor.predict needs."""
+    from qlib import experiments
+
+    S = experiments.setup(profile)
+    if arch not in S.float_models:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {list(S.float_models)}")
+    P = S.profile.predictor
+    pops = {a: population(S, a, progress=progress) for a in S.float_models}
+    sets = {s: ([], []) for s in ("train", "val")}
+    for a, pop in pops.items():
+        idx = split(pop["records"], P.split, P.seed)
+        for s in sets:
+            sets[s][0].extend(pop["records"][i]["tokens_probe"] for i in idx[s])
+            sets[s][1].extend(pop["records"][i]["acc"] for i in idx[s])
+    spec = {"version": VERSION, "profile": profile, "tokens": "probe",
+            "data": cache.key({a: [r["acc"] for r in p["records"]] for a, p in pops.items()}),
+            "settings": {k: getattr(P, k) for k in ("d_model", "heads", "layers", "epochs", "patience", "lr", "seed")}}
+    path = cache.path_for("predictor", spec)
+    hit = cache.load(path)
+    token_dim = 2 * P.bins
+    model = predictor.AccuracyPredictor(token_dim, P.d_model, P.heads, P.layers)
+    if hit is None:
+        model, hist = predictor.fit(sets["train"], sets["val"], d_model=P.d_model, heads=P.heads,
+                                    layers=P.layers, epochs=P.epochs, patience=P.patience, lr=P.lr,
+                                    seed=P.seed, progress=progress)
+        cache.save({"state_dict": model.state_dict(), "history": hist}, path)
+    else:
+        model.load_state_dict(hit["state_dict"])
+        hist = hit["history"]
+    pop = pops[arch]
+    return {"model": model.eval(), "history": hist, "probe": S.test_set.tensors[0][pop["probe_idx"]],
+            "ranges": {k: tuple(v) for k, v in pop["ranges"].items()}, "bins": pop["bins"], "arch": arch}

@@ -1,0 +1,213 @@
+"""Chapter 5's machinery: histogram tokens, the encoder, populations, baselines, metrics."""
+import numpy as np
+import pytest
+import torch
+
+from qlib import baselines, models, population, predictor, report
+
+
+# --- tokens --------------------------------------------------------------------------------
+
+def test_count_and_rate_branches():
+    v = torch.tensor([-5.0, -1.0, -0.99, 0.0, 0.2, 0.99, 1.0, 7.0, 3.0])
+    c = predictor.histogram_counts(v, 4, -1.0, 1.0)
+    assert c.sum() == v.numel(), "every value is counted, outliers included"
+    assert c[0] == 3 and c[-1] == 4, "values beyond the range go to the end bins"
+    tok = predictor.token_from_counts(c, n_images=3, values_per_image=3)
+    count, rate = tok[:4], tok[4:]
+    assert torch.isclose(rate.sum(), torch.tensor(1.0))
+    assert torch.allclose(rate, c / v.numel())
+    # a bin holding all of every image's values reads 1 on the count branch; empty bins 0
+    full = predictor.token_from_counts(torch.tensor([0.0, 30.0]), n_images=10, values_per_image=3)
+    assert torch.allclose(full[:2], torch.tensor([0.0, 1.0]))
+
+
+def test_count_branch_does_not_depend_on_the_number_of_images():
+    """The same per-image distribution over 1 image or 50 gives the same token."""
+    c1 = torch.tensor([2.0, 5.0, 1.0])
+    assert torch.allclose(predictor.token_from_counts(c1, 1, 8), predictor.token_from_counts(50 * c1, 50, 8))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    m = models.build("resnet").eval()
+    images = torch.randn(40, 1, 28, 28)
+    return m, images
+
+
+def test_layer_histograms_shape_and_float_fills_its_range(tiny):
+    from qlib.graph import fold_bn, quantizable_layers
+
+    m, images = tiny
+    ranges = predictor.float_ranges(m, images)
+    tok = predictor.layer_histograms(fold_bn(m), images, 8, ranges)
+    assert tok.shape == (len(quantizable_layers(fold_bn(m))), 16)
+    assert torch.allclose(tok[:, 8:].sum(1), torch.ones(len(tok)), atol=1e-5)
+    assert (tok[:, 8] > 0).all() and (tok[:, 15] > 0).all(), "the float min and max fall in the end bins"
+
+
+def test_strided_histograms_estimate_the_full_ones(tiny):
+    from qlib.graph import fold_bn
+
+    m, images = tiny
+    ranges = predictor.float_ranges(m, images)
+    full = predictor.histogram_pass(fold_bn(m), images, 8, ranges)["tokens"]
+    strided = predictor.histogram_pass(fold_bn(m), images, 8, ranges, stride=31)["tokens"]
+    # every layer but the logits (40 × 10 values, too few to subsample) within 2 points of rate
+    assert (full[:-1, 8:] - strided[:-1, 8:]).abs().max() < 0.02
+
+
+def test_bad_inputs_raise_clear_errors(tiny):
+    m, images = tiny
+    ranges = predictor.float_ranges(m, images)
+    with pytest.raises(ValueError, match="N × C × H × W"):
+        predictor.layer_histograms(m, images[0], 8, ranges)
+    with pytest.raises(ValueError, match="channels"):
+        predictor.layer_histograms(m, torch.randn(2, 3, 28, 28), 8, ranges)
+    with pytest.raises(ValueError, match="bins"):
+        predictor.layer_histograms(m, images, 1, ranges)
+    with pytest.raises(ValueError, match="ranges lacks"):
+        predictor.layer_histograms(m, images, 8, {})
+    with pytest.raises(ValueError, match="empty"):
+        population.split([])
+    with pytest.raises(ValueError, match="no token sequences"):
+        predictor.pad_tokens([])
+
+
+# --- the encoder ---------------------------------------------------------------------------
+
+def test_position_encoding_makes_the_encoder_order_aware():
+    torch.manual_seed(0)
+    x = torch.rand(3, 6, 10)
+    perm = torch.tensor([5, 2, 0, 4, 1, 3])
+    plain = predictor.AccuracyPredictor(10, d_model=16, heads=2, layers=2, position_encoding=False).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(x), plain(x[:, perm]), atol=1e-5), "without PE the layers are a set"
+    pe = predictor.AccuracyPredictor(10, d_model=16, heads=2, layers=2).eval()
+    pe.load_state_dict({k: v for k, v in plain.state_dict().items() if k != "pe"}, strict=False)
+    with torch.no_grad():
+        assert not torch.allclose(pe(x), pe(x[:, perm]), atol=1e-4), "with eq. 1's PE the order matters"
+
+
+def test_sinusoidal_encoding_is_eq_1():
+    pe = predictor.sinusoidal_encoding(5, 8)
+    pos, i = 3, 1
+    assert torch.isclose(pe[pos, 2 * i], torch.tensor(np.sin(pos / 10000 ** (2 * i / 8)), dtype=torch.float32))
+    assert torch.isclose(pe[pos, 2 * i + 1], torch.tensor(np.cos(pos / 10000 ** (2 * i / 8)), dtype=torch.float32))
+
+
+def test_padding_does_not_change_a_prediction():
+    torch.manual_seed(0)
+    m = predictor.AccuracyPredictor(4, d_model=16, heads=2, layers=1).eval()
+    short, long = torch.rand(3, 4), torch.rand(7, 4)
+    X, M = predictor.pad_tokens([short, long])
+    with torch.no_grad():
+        assert torch.allclose(m(X, M)[0], m(short.unsqueeze(0))[0], atol=1e-5)
+
+
+def test_encoder_recovers_a_known_function_of_the_tokens():
+    """Synthetic population: accuracy = 90 − 20·(rate mass in the top bin of layers 2 and 5);
+    held-out MAE must fall below 1 point (the labels span ~15 points)."""
+    g = torch.Generator().manual_seed(0)
+
+    def make(n):
+        toks, ys = [], []
+        for _ in range(n):
+            L = int(torch.randint(6, 9, (1,), generator=g))
+            t = torch.rand(L, 8, generator=g)
+            t[:, 4:] = t[:, 4:] / t[:, 4:].sum(1, keepdim=True)
+            toks.append(t)
+            ys.append(90 - 20 * float(t[2, 7] + t[5, 7]))
+        return toks, ys
+
+    tr, va, te = make(600), make(100), make(100)
+    model, hist = predictor.fit(tr, va, d_model=32, heads=2, layers=2, epochs=150, patience=30, lr=3e-3,
+                                seed=0, progress=False)
+    mae = float(np.abs(predictor.predict_tokens(model, te[0]) - np.array(te[1])).mean())
+    spread = float(np.std(te[1]))
+    assert mae < 1.0 and mae < 0.4 * spread, (mae, spread)
+
+
+# --- populations ---------------------------------------------------------------------------
+
+def test_split_is_by_configuration_and_disjoint():
+    recs = [{"config": {"arch": "r", "w_bits": {"a": b}, "a_bits": None, "rounding": "nearest", "seed": 0,
+                        "quant": {}}, "acc": 0.0} for b in range(2, 9) for _ in range(3)] * 2
+    idx = population.split(recs, (0.6, 0.2, 0.2), seed=1)
+    sets = {s: {population.config_key(recs[i]["config"]) for i in v} for s, v in idx.items()}
+    assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"]) and not (sets["val"] & sets["test"])
+    assert sorted(i for v in idx.values() for i in v) == list(range(len(recs)))
+
+
+def test_sampled_configs_are_distinct_json_and_reproducible():
+    import json
+
+    m = models.build("vgg")
+    a = population.sample_configs("vgg", m, 12, seed=3)
+    b = population.sample_configs("vgg", m, 12, seed=3)
+    assert a == b
+    assert len({population.config_key(c) for c in a}) == 12
+    json.dumps(a)  # plain JSON, no tensors or objects
+    names = population.layer_names(m)
+    for c in a:
+        assert list(c["w_bits"]) == names and c["w_bits"][names[0]] == 8 and c["w_bits"][names[-1]] == 8
+        assert all(2 <= b <= 8 for b in c["w_bits"].values())
+        assert c["a_bits"] in population.A_BITS
+
+
+@pytest.mark.parametrize("rounding,quant_kw", [("stochastic", {}),
+                                               ("attention", {"iters": 2, "batch_size": 8, "lr": 1e-2})])
+def test_a_config_rebuilds_the_same_model(rounding, quant_kw):
+    torch.manual_seed(0)
+    m = models.build("resnet").eval()
+    calib = torch.randn(16, 1, 28, 28)
+    names = population.layer_names(m)
+    cfg = {"arch": "resnet", "kind": "random", "w_bits": {n: 3 + i % 4 for i, n in enumerate(names)},
+           "a_bits": 6, "rounding": rounding, "seed": 7, "quant": quant_kw}
+    q1, q2 = population.build(cfg, m, calib), population.build(cfg, m, calib)
+    s1, s2 = q1.state_dict(), q2.state_dict()
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        if isinstance(s1[k], torch.Tensor):
+            assert torch.equal(s1[k], s2[k]), k
+
+
+def test_a_config_naming_a_missing_layer_is_refused():
+    m = models.build("vgg")
+    cfg = population.sample_configs("vgg", m, 1, seed=0)[0]
+    cfg["w_bits"]["no.such.layer"] = 4
+    with pytest.raises(ValueError, match="unknown layers"):
+        population.build(cfg, m, torch.randn(8, 1, 28, 28))
+
+
+# --- baselines and metrics -----------------------------------------------------------------
+
+def test_paired_baseline_and_metrics():
+    recs = [{"probe_acc": 88.0, "acc": 89.5}, {"probe_acc": 80.0, "acc": 82.0}]
+    p = baselines.paired(recs, {"acc": 91.0, "probe_acc": 90.0})
+    assert np.allclose(p, [89.0, 81.0])
+    m = report.regression_metrics([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], n_boot=50)
+    assert m["MAE"][0] == 0 and m["Spearman"][0] == 1 and m["R2"][0] == 1
+    m = report.regression_metrics([1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0], n_boot=50)
+    assert m["bias"][0] == 1 and m["MAE"][0] == 1 and m["Kendall"][0] == 1
+    d, lo, hi = report.mae_difference([0.0] * 20, [0.1] * 20, [1.0] * 20)
+    assert d < 0 and hi < 0
+    with pytest.raises(ValueError):
+        report.regression_metrics([], [])
+
+
+def test_ridge_selects_on_validation_and_predicts_a_linear_truth():
+    rng = np.random.default_rng(0)
+
+    def recs(n):
+        out = []
+        for _ in range(n):
+            bits = {f"l{i}": int(b) for i, b in enumerate(rng.integers(2, 9, 5))}
+            out.append({"config": {"w_bits": bits, "a_bits": None, "rounding": "nearest"}, "sqnr": [0.0] * 5,
+                        "probe_agree": 0.0, "acc": 70 + 2 * sum(bits.values()) / 5})
+        return out
+
+    tr, va, te = recs(80), recs(20), recs(20)
+    p, info = baselines.ridge(tr, va, te, "weights")
+    assert np.abs(p - baselines.labels(te)).max() < 0.5 and info["alpha"] in baselines.RIDGE_ALPHAS
