@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from qlib import cache, mixed, models, predictor, quant
 from qlib.graph import fold_bn, quantizable_layers
 
-VERSION = 1             # bump when a change to qlib alters what a cached population means
+VERSION = 2             # bump when a change to qlib alters what a cached population means
 EPS2 = 1e-3             # Algorithm 1's coding distortion, as in chapter 4
 A_BITS = (None, 8, 6, 5, 4)
 PROBE_SEED = 0
@@ -128,6 +128,29 @@ def build(cfg: dict, float_model: nn.Module, calib: torch.Tensor) -> nn.Module:
                           rounding=cfg["rounding"], seed=cfg["seed"], progress=False, **cfg.get("quant", {}))
 
 
+def _model_spec(cfg: dict, float_model: nn.Module, calib: torch.Tensor) -> dict:
+    from qlib import experiments
+
+    return {"version": VERSION, "config": config_key(cfg), "calib": experiments._digest(calib),
+            "float": experiments._digest(*float_model.state_dict().values())}
+
+
+def quantized(cfg: dict, float_model: nn.Module, calib: torch.Tensor) -> nn.Module:
+    """:func:`build`, through the cache: a configuration's quantized model is saved (qlib.quant.save,
+    state only) when its population is labelled, so chapter 6 loads the models instead of
+    calibrating the learned roundings again."""
+    path = cache.path_for("qmodel", _model_spec(cfg, float_model, calib))
+    if path.is_file():
+        try:
+            return quant.load(path, float_model)
+        except ValueError as e:
+            import warnings
+            warnings.warn(f"rebuilding {path}: {e}")
+    q = build(cfg, float_model, calib)
+    quant.save(q, path)
+    return q
+
+
 @torch.no_grad()
 def weight_sqnr(qmodel: nn.Module, folded_float: nn.Module) -> list[float]:
     """Per quantized layer, 10·log10(‖W‖² / ‖W − Ŵ‖²) in dB: no forward pass needed."""
@@ -155,10 +178,12 @@ def label(cfg: dict, float_model: nn.Module, folded: nn.Module, calib: torch.Ten
     t0 = time.perf_counter()
     q = build(cfg, float_model, calib)
     t1 = time.perf_counter()
+    quant.save(q, cache.path_for("qmodel", _model_spec(cfg, float_model, calib)))
     images, labels = test_set.tensors
     full = predictor.histogram_pass(q, images, bins, ranges, stride=stride, labels=labels)
     pr = predictor.histogram_pass(q, probe, bins, ranges, labels=probe_labels)
     return {"config": cfg, "acc": full["acc"], "tokens_full": full["tokens"], "tokens_probe": pr["tokens"],
+            "correct_full": full["preds"] == labels,  # per test image: top-1 on any subset, free
             "probe_acc": pr["acc"], "probe_agree": 100 * (pr["preds"] == float_probe_preds).float().mean().item(),
             "sqnr": weight_sqnr(q, folded), "quant_seconds": t1 - t0,
             "seconds": time.perf_counter() - t0}

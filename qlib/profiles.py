@@ -76,11 +76,35 @@ class Predictor:
 
 
 @dataclass(frozen=True)
+class Generator:
+    """Chapter 6: the one-image generator, stage 2 and its baselines."""
+    d_model: int = 64               # encoder and decoder width
+    heads: int = 4
+    enc_layers: int = 2
+    dec_layers: int = 2
+    patch: int = 4                  # pixels per patch side (28 and 32 are multiples of 4)
+    steps: int = 2000               # stage-2 Adam steps at most (early stopping on validation)
+    batch: int = 16                 # training models per step
+    eval_every: int = 20            # steps between validation measurements
+    patience: int = 10              # validation measurements without improvement before stopping
+    softness: float = 1.0           # soft-histogram ramp in bin widths (linear binning)
+    # learning rates tried on the validation configurations, each method its own
+    lr_grid_generator: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    lr_grid_image: tuple[float, ...] = (0.01, 0.03, 0.1)
+    real_draws: int = 200           # random single test images tried as the real-image baseline
+    k_images: tuple[int, ...] = (1, 10, 100, 1000)   # top-1 on k random test images
+    k_draws: int = 200              # draws per k
+    bn_steps: int = 500             # the BN-statistics (ZeroQ) image: Adam steps, as ZeroQ
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     train: Train = field(default_factory=Train)
     quant: Quant = field(default_factory=Quant)
     predictor: Predictor = field(default_factory=Predictor)
+    generator: Generator = field(default_factory=Generator)
     test_subset: int | None = None  # None: the full 10k test set
 
 
@@ -105,6 +129,10 @@ PROFILES: dict[str, Profile] = {
         # cores, 8–16 s with a learned rounding): this many fit chapter 5 in its share of
         # the CI budget
         predictor=Predictor(configs=30, learned_share=0.1),
+        # a stage-2 step runs 8 quantized models on one image with gradients (~0.3 s on two
+        # cores): 100 steps and two learning rates per method fit chapter 6's share
+        generator=Generator(steps=100, batch=8, eval_every=10, patience=5, lr_grid_generator=(1e-3, 3e-3),
+                            lr_grid_image=(0.02, 0.05), real_draws=50, k_draws=50),
     ),
     "paper": Profile(
         name="paper",

@@ -114,6 +114,18 @@ def test_chapter5_predictor_held_out_error():
     assert int(v["n_test_configs"]) >= 15
 
 
+def test_chapter6_one_image_error():
+    """The glued one-image MAE is the frozen predictor's real error on held-out
+    configurations: within its own bootstrap interval, with the speed-up measured."""
+    v = _values("06_one_image")
+    mae, lo, hi = (float(v[k]) for k in ("one_image_mae", "one_image_mae_lo", "one_image_mae_hi"))
+    assert 0 < lo <= mae <= hi, (lo, mae, hi)
+    assert mae < 15.0, f"one-image MAE {mae:.2f} points: the frozen predictor has not been fed usable tokens"
+    assert int(v["n_held_out"]) >= 15
+    assert float(v["speedup_min"]) > 1, "one image must cost less than the full test pass"
+    assert float(v["k1_mae"]) > float(v["k1000_mae"]), "top-1 on more images must err less"
+
+
 def test_book_builds():
     html = book.build()
     index = html / "index.html"

@@ -1,0 +1,340 @@
+"""One representative image (predictor preprint, Part 2, §2.3–2.4): a Transformer
+encoder–decoder generates a single image that, fed to a quantized model, gives histogram
+tokens from which chapter 5's frozen predictor reads the model's accuracy.
+
+    G = Generator(token_dim=64, image_shape=(1, 28, 28), value_range=(lo, hi))
+    image = G(float_tokens)                 # 1 × C × H × W, the architecture's image
+    G, hist = stage2(G.parameters(), lambda: {a: G(cond[a]) for a in cond}, P, train, val)
+    predictor.predict(P_arch, qmodel, images=image)      # one forward pass per prediction
+
+The book's reading of §2.3 (chapter 6 says why): the encoder reads the **float** model's
+per-layer tokens on the probe images, computed once per architecture, so the image depends
+on the architecture but not on the quantized model under test. A reading in which the
+encoder reads the tested model's own feature maps would need that model's pass over many
+images at every prediction, and those tokens could go to the predictor directly (Part 1).
+
+The decoder is MaskGIT's bidirectional Transformer (Chang et al. 2022) over image patches:
+every patch starts as the learned [MASK] embedding plus its position, self-attention runs
+in both directions, cross-attention reads the encoder, and a linear head writes the
+patch's pixels. There is no codebook and no iterative unmasking: the output is one
+continuous image, decoded in MaskGIT's first (all-masked) step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from qlib import predictor as pred
+
+
+# --- differentiable histograms -----------------------------------------------------------
+
+def soft_histogram_counts(values: torch.Tensor, bins: int, lo: float, hi: float,
+                          softness: float = 1.0) -> torch.Tensor:
+    """A differentiable version of :func:`qlib.predictor.histogram_counts` (linear binning):
+    a value within ``softness``/2 bin widths of an edge between two bins splits its unit
+    of mass between them linearly in its distance to the edge; elsewhere it counts whole in
+    its bin. softness = 1 is linear interpolation between bin centres (every value has a
+    gradient); as softness → 0 the counts become the hard histogram. Values outside
+    [lo, hi] count whole in the end bins, as the hard counts clamp them; the counts sum to
+    values.numel(). Cost O(values), not O(values × bins)."""
+    pred._check_bins(bins)
+    if not hi > lo:
+        raise ValueError(f"histogram range must have hi > lo, got [{lo}, {hi}]")
+    if not (isinstance(softness, (int, float)) and math.isfinite(softness) and 0 < softness <= 1):
+        raise ValueError(f"softness must be in (0, 1] (bin widths), got {softness!r}")
+    u = (values.reshape(-1) - lo) * (bins / (hi - lo))
+    inside = (u >= 0) & (u < bins)
+    j = torch.floor(u.detach()).clamp(0, bins - 1).long()
+    f = u - j                                   # position inside the bin, 0..1, with gradient
+    left = torch.clamp(0.5 - f / softness, 0, 1) * inside
+    right = torch.clamp(0.5 - (1 - f) / softness, 0, 1) * inside
+    counts = torch.zeros(bins, dtype=u.dtype, device=u.device)
+    counts = counts.index_add(0, j, 1 - left - right)
+    counts = counts.index_add(0, (j - 1).clamp_min(0), left)
+    return counts.index_add(0, (j + 1).clamp_max(bins - 1), right)
+
+
+def image_tokens(qmodel: nn.Module, image: torch.Tensor, bins: int, ranges: dict, *,
+                 softness: float = 1.0, straight_through: bool = True) -> torch.Tensor:
+    """The tokens of :func:`qlib.predictor.layer_histograms` for one image, with a gradient
+    to the image's pixels. ``straight_through``: the forward value is the hard histogram
+    (so a prediction in training is the prediction at use) and the gradient is the soft
+    histogram's; otherwise both are the soft histogram's."""
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    pred._check_images(qmodel, image)
+    if len(image) != 1:
+        raise ValueError(f"image_tokens takes one image, got {len(image)}")
+    names = pred.token_layers(qmodel)
+    missing = [n for n in names if n not in ranges]
+    if missing:
+        raise ValueError(f"ranges lacks layers {missing}; use the ranges of this architecture's predictor")
+    tokens = {}
+
+    def make_hook(n):
+        lo, hi = ranges[n]
+
+        def hook(mod, inp, out):
+            # histogram here, not after the forward: an in-place ReLU may overwrite ``out``
+            v = out.reshape(-1)
+            soft = soft_histogram_counts(v, bins, lo, hi, softness).double()
+            if straight_through:
+                counts = pred.histogram_counts(v, bins, lo, hi).double() + soft - soft.detach()
+            else:
+                counts = soft
+            tokens[n] = pred.token_from_counts(counts, 1, v.numel())
+        return hook
+
+    hooks = [qmodel.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
+    try:
+        qmodel(image)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack([tokens[n] for n in names])
+
+
+# --- the encoder–decoder -----------------------------------------------------------------
+
+class Generator(nn.Module):
+    """Transformer encoder over per-layer tokens → MaskGIT-style bidirectional decoder over
+    image patches → one image in ``value_range`` (per channel, the data's normalised range).
+
+    ``image_shape`` (C, H, W) comes from the data: (1, 28, 28) for Fashion-MNIST, (3, 32, 32)
+    for CIFAR-10; ``patch`` must divide H and W."""
+
+    def __init__(self, token_dim: int, image_shape: tuple[int, int, int], value_range, *,
+                 d_model: int = 64, heads: int = 4, enc_layers: int = 2, dec_layers: int = 2,
+                 patch: int = 4, max_layers: int = 128, init_image: torch.Tensor | None = None,
+                 seed: int = 0):
+        super().__init__()
+        if len(image_shape) != 3 or min(image_shape) < 1:
+            raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
+        C, H, W = image_shape
+        if H % patch or W % patch:
+            raise ValueError(f"patch {patch} must divide the image's height {H} and width {W}")
+        lo, hi = (torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in value_range)
+        if lo.numel() not in (1, C) or hi.numel() != lo.numel() or not bool((hi > lo).all()):
+            raise ValueError(f"value_range must be (lo, hi) with hi > lo, one value or one per "
+                             f"channel ({C}), got {value_range}")
+        torch.manual_seed(seed)
+        self.image_shape, self.patch = (C, H, W), patch
+        self.n_patches = (H // patch) * (W // patch)
+        self.register_buffer("lo", lo.expand(C).clone().view(1, C, 1, 1))
+        self.register_buffer("hi", hi.expand(C).clone().view(1, C, 1, 1))
+        self.embed = nn.Linear(token_dim, d_model)
+        self.register_buffer("pe", pred.sinusoidal_encoding(max_layers, d_model))
+        enc = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout=0.0, batch_first=True,
+                                         norm_first=True)
+        self.encoder = nn.TransformerEncoder(enc, enc_layers, enable_nested_tensor=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.patch_pos = nn.Parameter(torch.randn(1, self.n_patches, d_model) * 0.02)
+        dec = nn.TransformerDecoderLayer(d_model, heads, 2 * d_model, dropout=0.0, batch_first=True,
+                                         norm_first=True)
+        self.decoder = nn.TransformerDecoder(dec, dec_layers)  # no causal mask: bidirectional
+        self.ln = nn.LayerNorm(d_model)
+        self.to_pixels = nn.Linear(d_model, C * patch * patch)
+        # a per-pixel output bias, started at ``init_image`` (e.g. the data's mean image) so
+        # that training starts from an image in the data's range rather than mid-grey
+        self.pixel_bias = nn.Parameter(torch.zeros(1, C, H, W))
+        if init_image is not None:
+            with torch.no_grad():
+                self.pixel_bias.copy_(image_to_logits(init_image.reshape(1, C, H, W), self.lo, self.hi))
+        self.token_dim = token_dim
+
+    def forward(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: L × token_dim (or B × L × token_dim) → B × C × H × W."""
+        if tokens.dim() == 2:
+            tokens = tokens.unsqueeze(0)
+        if tokens.dim() != 3 or tokens.shape[2] != self.token_dim or tokens.shape[1] > len(self.pe):
+            raise ValueError(f"tokens must be L × {self.token_dim} with L ≤ {len(self.pe)}, "
+                             f"got {tuple(tokens.shape)}")
+        B, L, _ = tokens.shape
+        memory = self.encoder(self.embed(tokens) + self.pe[:L], src_key_padding_mask=pad_mask)
+        queries = self.mask_token.expand(B, self.n_patches, -1) + self.patch_pos
+        h = self.ln(self.decoder(queries, memory, memory_key_padding_mask=pad_mask))
+        C, H, W = self.image_shape
+        p = self.patch
+        x = self.to_pixels(h).view(B, H // p, W // p, C, p, p).permute(0, 3, 1, 4, 2, 5)
+        x = x.reshape(B, C, H, W) + self.pixel_bias
+        return logits_to_image(x, self.lo, self.hi)
+
+
+def logits_to_image(z: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """lo + (hi − lo)·sigmoid(z): pixels that stay in the data's range."""
+    return lo + (hi - lo) * torch.sigmoid(z)
+
+
+def image_to_logits(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, margin: float = 1e-3) -> torch.Tensor:
+    """The inverse of :func:`logits_to_image` (pixels at the range's ends pulled in by ``margin``)."""
+    u = ((x - lo) / (hi - lo)).clamp(margin, 1 - margin)
+    return torch.log(u) - torch.log1p(-u)
+
+
+# --- stage 2 -----------------------------------------------------------------------------
+
+def _check_entries(entries, what: str) -> None:
+    if not entries:
+        raise ValueError(f"stage 2 needs at least one {what} model (arch, quantized model, label)")
+    for e in entries:
+        if len(e) != 3 or not isinstance(e[1], nn.Module):
+            raise ValueError(f"each {what} entry must be (arch, quantized model, top-1 %), got {e!r}")
+
+
+def _predictions(P: nn.Module, entries, images: dict, ranges: dict, bins: int, softness: float,
+                 straight_through: bool = True) -> torch.Tensor:
+    toks = [image_tokens(q, images[a], bins, ranges[a], softness=softness, straight_through=straight_through)
+            for a, q, _ in entries]
+    X, M = pred.pad_tokens(toks)
+    return P(X, M)
+
+
+@torch.no_grad()
+def evaluate_images(P: nn.Module, entries, images: dict, ranges: dict, bins: int) -> np.ndarray:
+    """The frozen predictor's output for each (arch, quantized model, label) fed the hard
+    histograms of ``images[arch]``."""
+    toks = [pred.layer_histograms(q, images[a].reshape(1, *images[a].shape[-3:]), bins, ranges[a])
+            for a, q, _ in entries]
+    return pred.predict_tokens(P, toks)
+
+
+def stage2(params: Iterable[nn.Parameter], make_images: Callable[[], dict], P: nn.Module, train, val, *,
+           ranges: dict, bins: int, steps: int = 300, batch: int = 16, lr: float = 3e-3,
+           softness: float = 1.0, eval_every: int = 10, patience: int = 10, seed: int = 0,
+           progress: bool = True, desc: str = "stage 2") -> dict:
+    """Stage 2 (§2.4): the stage-1 predictor ``P`` frozen, train ``params`` (the generator's,
+    or a free image's) so that P, fed each training model's histograms on the image
+    ``make_images()[arch]``, returns that model's label: Adam on the MSE in P's
+    standardised units, ``batch`` models per step. ``train`` and ``val`` are lists of
+    (arch, quantized model, top-1 %); every ``eval_every`` steps the validation MAE
+    (hard histograms) is measured and the best parameters kept (early stopping after
+    ``patience`` evaluations without improvement). Returns the history."""
+    _check_entries(train, "training")
+    _check_entries(val, "validation")
+    shared = {id(q) for _, q, _ in train} & {id(q) for _, q, _ in val}
+    if shared:
+        raise ValueError(f"{len(shared)} model(s) are in both the training and the validation entries; "
+                         "split the population by configuration first (population.split)")
+    params = list(params)
+    P.eval().requires_grad_(False)
+    for _, q, _ in list(train) + list(val):
+        q.eval().requires_grad_(False)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    y = torch.tensor([float(t) for _, _, t in train])
+    vy = np.array([float(t) for _, _, t in val])
+    opt = torch.optim.Adam(params, lr=lr)
+    hist = {"step": [], "loss": [], "eval_step": [], "val_mae": []}
+    best, best_state, since = math.inf, None, 0
+    start = time.perf_counter()
+    bar = tqdm(range(steps + 1), desc=desc, leave=False, disable=not progress)
+    for step in bar:
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad():
+                imgs = make_images()
+            mae = float(np.abs(evaluate_images(P, val, imgs, ranges, bins) - vy).mean())
+            hist["eval_step"].append(step)
+            hist["val_mae"].append(mae)
+            if mae < best - 1e-4:
+                best, since, best_state = mae, 0, [p.detach().clone() for p in params]
+            else:
+                since += 1
+            bar.set_postfix(val_mae=f"{mae:.2f}", best=f"{best:.2f}")
+            if step == steps or since >= patience:
+                break
+        idx = rng.choice(len(train), size=min(batch, len(train)), replace=False)
+        imgs = make_images()
+        out = _predictions(P, [train[i] for i in idx], imgs, ranges, bins, softness)
+        loss = (((out - y[idx]) / P.y_std) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hist["step"].append(step)
+        hist["loss"].append(loss.item())
+    with torch.no_grad():
+        for p, b in zip(params, best_state):
+            p.copy_(b)
+    hist.update(best_val_mae=best, best_step=hist["eval_step"][int(np.argmin(hist["val_mae"]))],
+                seconds=time.perf_counter() - start)
+    return hist
+
+
+# --- baselines' images --------------------------------------------------------------------
+
+def bn_statistics_image(model: nn.Module, image_shape: tuple[int, int, int], *, steps: int = 500,
+                        lr: float = 0.5, seed: int = 0, progress: bool = False) -> torch.Tensor:
+    """ZeroQ's distilled data (Cai et al. 2020) for one image: start from Gaussian noise and
+    minimise, over every BatchNorm layer of the float ``model``, ‖μ̃ − μ‖² + ‖σ̃ − σ‖² between
+    the per-channel mean and std of the layer's input on the image and the layer's running
+    statistics, plus the same for the input itself against 0 and 1 (Adam, lr 0.5, 500 steps,
+    as ZeroQ)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns:
+        raise ValueError("bn_statistics_image needs a float model with BatchNorm2d layers (before folding)")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, *image_shape, generator=g).requires_grad_(True)
+    was, grads = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)
+    stats = []
+    hooks = [m.register_forward_pre_hook(lambda m, i: stats.append((m, i[0]))) for m in bns]
+    opt = torch.optim.Adam([x], lr=lr)
+    try:
+        for _ in tqdm(range(steps), desc="BN-statistics image", leave=False, disable=not progress):
+            stats.clear()
+            model(x)
+            loss = 0.0
+            for m, t in stats + [(None, x)]:
+                flat = t.flatten(2)
+                mu, sd = flat.mean(2), (flat.var(2, unbiased=False) + 1e-6).sqrt()
+                if m is None:
+                    target_mu, target_sd = torch.zeros_like(mu), torch.ones_like(sd)
+                else:
+                    target_mu, target_sd = m.running_mean, (m.running_var + m.eps).sqrt()
+                loss = loss + (mu - target_mu).pow(2).sum() + (sd - target_sd).pow(2).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+    return x.detach()[0]
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> tuple[object, float | None]:
+    """Run ``fn`` and return its result and the rise of this process's peak resident memory
+    during it, in MB (Linux: glibc's freed pages trimmed, then VmHWM reset through
+    /proc/self/clear_refs); None elsewhere."""
+    def read(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024
+        return None
+
+    try:
+        import ctypes
+
+        # hand freed heap pages back first: otherwise the call reuses pages already resident
+        # and its allocations never raise the peak
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = read("VmRSS:")
+    except OSError:
+        return fn(), None
+    out = fn()
+    peak = read("VmHWM:")
+    return out, (peak - before if peak is not None and before is not None else None)
