@@ -34,11 +34,18 @@ from qlib.graph import (DEFAULT_BLOCKS, calibration_units, check_blocks, fold_bn
 from qlib.models import resolve_device
 from qlib.recon import reconstruct
 from qlib.rounding import (ROUNDINGS, adaround_init, attention_round, check_bits, grid,
-                           rectified_sigmoid, round_fixed, search_act_scale, search_weight_scale)
+                           rectified_sigmoid, round_fixed, search_act_scale, search_weight_scale,
+                           ste_round)
 from qlib.rounding import AttentionRound, attention_probabilities, backward_factor  # noqa: F401 (API)
 
 FIXED = ("nearest", "floor", "ceil", "stochastic")  # no calibration
 LEARNED = ("adaround", "attention")                  # block reconstruction
+# Chapter 7's ablation switches and the recipe's choices (the defaults): weight steps by the
+# ‖W − Ŵ‖² search or max-abs, per channel or per tensor; Attention Round's α started from
+# N(0, τ²) or zeros, trained through eq. 6's backward or a plain straight-through gradient;
+# activation steps learned during reconstruction or left at their MSE initialisation.
+VARIANT = {"weight_steps": "mse", "per_channel": True, "alpha_init": "gaussian", "backward": "eq6",
+           "learn_act_steps": True}
 FORMAT = "qlib.quant/1"
 
 
@@ -114,6 +121,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("v", None)  # w/s while a learned rounding is being calibrated
         self.act = ActQuant(a_bits) if a_bits is not None else None
         self.soft = False  # AdaRound trains through the soft h(V); set by the reconstruction
+        self.backward = "eq6"
 
     @property
     def lo(self) -> int:
@@ -125,11 +133,15 @@ class QuantLayer(nn.Module):
 
     @torch.no_grad()
     def start(self, weight: torch.Tensor, rounding: str, tau: float = 0.5, tau_units: str = "grid",
-              generator: torch.Generator | None = None) -> "QuantLayer":
+              generator: torch.Generator | None = None, variant: dict | None = None) -> "QuantLayer":
         """Search the step sizes for ``weight`` and set up ``rounding``: a fixed rule rounds
-        at once (the layer is final); AdaRound and Attention Round get their variables."""
+        at once (the layer is final); AdaRound and Attention Round get their variables.
+        ``variant`` holds chapter 7's ablation switches (see :data:`VARIANT`)."""
+        v_ = {**VARIANT, **(variant or {})}
         self.rounding = rounding
-        self.scale = search_weight_scale(weight, self.w_bits)
+        self.backward = v_["backward"]
+        self.scale = search_weight_scale(weight, self.w_bits, method=v_["weight_steps"],
+                                         per_channel=v_["per_channel"])
         v = weight / self.scale
         if rounding in FIXED:
             self.w_int = torch.clamp(round_fixed(v, rounding, generator), self.lo, self.hi).to(self.w_int.dtype)
@@ -143,6 +155,8 @@ class QuantLayer(nn.Module):
             sigma = torch.as_tensor(float(tau)) if tau_units == "grid" else tau / self.scale
             self.register_buffer("sigma", sigma.to(weight.dtype).to(weight.device))
             noise = torch.randn(v.shape, generator=generator).to(v.device)
+            if v_["alpha_init"] == "zeros":
+                noise = torch.zeros_like(v)
             self.alpha = nn.Parameter(noise * self.sigma)  # α ~ N(0, σ²), σ in grid steps
         else:
             raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
@@ -159,6 +173,8 @@ class QuantLayer(nn.Module):
         if self.rounding == "adaround":
             h = rectified_sigmoid(self.V) if soft else (self.V >= 0).to(self.v.dtype)
             z = torch.floor(self.v) + h
+        elif self.backward == "ste":
+            z = ste_round(self.v, self.alpha)
         else:
             z = attention_round(self.v, self.alpha, self.sigma)
         return torch.clamp(z, self.lo, self.hi)
@@ -255,6 +271,24 @@ def _check_args(calib, rounding, tau, tau_units, a_bits, first_last_bits, iters,
         raise ValueError(f"iters must be an integer ≥ 0, got {iters!r}")
 
 
+def check_variant(variant) -> dict:
+    """The ablation switches with the recipe's defaults filled in; unknown keys or values are
+    refused with what is allowed."""
+    if variant is None:
+        return dict(VARIANT)
+    if not isinstance(variant, dict):
+        raise ValueError(f"variant must be a dict over {sorted(VARIANT)}, got {type(variant).__name__}")
+    unknown = set(variant) - set(VARIANT)
+    if unknown:
+        raise ValueError(f"unknown variant keys {sorted(unknown)}; choose from {sorted(VARIANT)}")
+    allowed = {"weight_steps": ("mse", "maxabs"), "per_channel": (True, False),
+               "alpha_init": ("gaussian", "zeros"), "backward": ("eq6", "ste"), "learn_act_steps": (True, False)}
+    for k, v in variant.items():
+        if v not in allowed[k] or (isinstance(v, bool) != isinstance(allowed[k][0], bool)):
+            raise ValueError(f"variant[{k!r}] must be one of {allowed[k]}, got {v!r}")
+    return {**VARIANT, **variant}
+
+
 def bits_per_layer(names: list[str], w_bits, first_last_bits: int = 8) -> dict[str, int]:
     """``{layer: bits}`` from an int or a dict (which may omit the first and last layers);
     the first and last layers always get ``first_last_bits``."""
@@ -281,12 +315,12 @@ def _act_bits(n: str, names: list[str], a_bits: int | None, first_last_bits: int
 
 
 def _insert_quant_layers(fp: nn.Module, names, bits, a_bits, first_last_bits, rounding, tau,
-                         tau_units, generator, dev) -> nn.Module:
+                         tau_units, generator, dev, variant=None) -> nn.Module:
     q = copy.deepcopy(fp)
     for n in names:
         layer = q.get_submodule(n)
         ql = QuantLayer(layer, bits[n], _act_bits(n, names, a_bits, first_last_bits))
-        ql.start(layer.weight.detach(), rounding, tau, tau_units, generator)
+        ql.start(layer.weight.detach(), rounding, tau, tau_units, generator, variant)
         set_module(q, n, ql.to(dev))
     return q.eval()
 
@@ -327,7 +361,7 @@ def _init_act_steps(model: nn.Module, fp: nn.Module, q: nn.Module, names: list[s
 
 
 def _calibrate_units(fp, q, calib, blocks, *, iters, batch_size, lr, act_lr, rounding, generator,
-                     dev, progress) -> dict[str, list[float]]:
+                     dev, progress, learn_act_steps: bool = True) -> dict[str, list[float]]:
     """Reconstruct every unit in forward order; returns each unit's loss curve."""
     units = calibration_units(q, (QuantLayer,), blocks)
     # The float units' outputs (the targets) never change: one pass for all of them. Each
@@ -340,6 +374,9 @@ def _calibrate_units(fp, q, calib, blocks, *, iters, batch_size, lr, act_lr, rou
         x = capture(q, unit, calib, batch_size, dev, "input")
         y, targets[k] = targets[k], None  # free each target once its unit is done
         qlayers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
+        for m in qlayers:
+            if m.act is not None:
+                m.act.scale.requires_grad_(learn_act_steps)
         with torch.enable_grad():
             losses[u] = reconstruct(unit, qlayers, x, y, iters=iters, batch_size=batch_size, lr=lr,
                                     act_lr=act_lr, rounding=rounding, generator=generator,
@@ -353,7 +390,8 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
              rounding: str = "attention", tau: float = 0.5, iters: int = 2000,
              batch_size: int = 64, lr: float = 4e-4, first_last_bits: int = 8,
              device: str | torch.device = "auto", seed: int = 0, tau_units: str = "grid",
-             blocks=None, act_lr: float | None = None, progress: bool = True) -> nn.Module:
+             blocks=None, act_lr: float | None = None, variant: dict | None = None,
+             progress: bool = True) -> nn.Module:
     """A quantized copy of ``model`` (which is left untouched), calibrated on ``calib``.
 
     w_bits: an int, or ``{layer_name: bits}`` for every quantized layer (first and last
@@ -368,6 +406,9 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
     blocks: module types reconstructed as one unit (default :data:`DEFAULT_BLOCKS`,
         torchvision's BasicBlock, Bottleneck and InvertedResidual); ``()`` reconstructs
         layer by layer.
+    variant: chapter 7's ablation switches, a dict over the keys of :data:`VARIANT` (the
+        defaults are the recipe): weight_steps "mse"/"maxabs", per_channel, alpha_init
+        "gaussian"/"zeros", backward "eq6"/"ste", learn_act_steps.
     The returned model is on the CPU and carries ``quant_report`` (seconds, images,
     iterations, device, bits and the per-unit reconstruction losses), part of its state."""
     _check_args(calib, rounding, tau, tau_units, a_bits, first_last_bits, iters, batch_size)
@@ -375,20 +416,23 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a finite number > 0 (Adam's step size), got {value!r}")
     blocks = check_blocks(blocks)
+    variant = check_variant(variant)
     start = time.perf_counter()
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     fp = fold_bn(model).to(dev)
     names = quantizable_layers(fp)
     bits = bits_per_layer(names, w_bits, first_last_bits)
-    q = _insert_quant_layers(fp, names, bits, a_bits, first_last_bits, rounding, tau, tau_units, gen, dev)
+    q = _insert_quant_layers(fp, names, bits, a_bits, first_last_bits, rounding, tau, tau_units, gen, dev,
+                             variant)
     calib = calib.to(dev)
     if a_bits is not None:
         _init_act_steps(model, fp, q, names, calib, batch_size, dev, a_bits, first_last_bits)
     losses = {}
     if rounding in LEARNED:
         losses = _calibrate_units(fp, q, calib, blocks, iters=iters, batch_size=batch_size, lr=lr,
-                                  act_lr=act_lr, rounding=rounding, generator=gen, dev=dev, progress=progress)
+                                  act_lr=act_lr, rounding=rounding, generator=gen, dev=dev, progress=progress,
+                                  learn_act_steps=variant["learn_act_steps"])
     for m in quant_layers(q).values():
         m.finalize()  # a no-op for the fixed rules and for every calibrated unit
     q.requires_grad_(False)

@@ -27,7 +27,8 @@ def adaround_schedule(step: int, iters: int) -> tuple[float, float]:
 
 def _optimizer(qlayers: list, lr: float, act_lr: float, on_gpu: bool, use_graph: bool):
     round_params = [p for q in qlayers for p in q.rounding_params()]
-    act_params = [q.act.scale for q in qlayers if q.act is not None and q.act.enabled]
+    act_params = [q.act.scale for q in qlayers
+                  if q.act is not None and q.act.enabled and q.act.scale.requires_grad]
     groups = [{"params": round_params, "lr": lr}] if round_params else []
     if act_params:
         groups.append({"params": act_params, "lr": act_lr})

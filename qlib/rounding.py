@@ -38,24 +38,33 @@ def fake_quant(w: torch.Tensor, s: torch.Tensor | float, bits: int, signed: bool
     return s * torch.clamp(torch.round(w / s), lo, hi)
 
 
+WEIGHT_STEPS = ("mse", "maxabs")
+
+
 @torch.no_grad()
-def search_weight_scale(w: torch.Tensor, bits: int, n_candidates: int = 100) -> torch.Tensor:
+def search_weight_scale(w: torch.Tensor, bits: int, n_candidates: int = 100, *, method: str = "mse",
+                        per_channel: bool = True) -> torch.Tensor:
     """Per-output-channel step size minimising ‖W − Ŵ‖² under nearest rounding (paper §4.1).
 
     Candidates are s = r · max|w| / h for r on a grid in (0, 1]; each channel keeps its best.
-    Returns a tensor shaped to broadcast against ``w`` (C_out × 1 × …)."""
+    ``method="maxabs"`` takes r = 1 (no clipping, the simplest rule); ``per_channel=False``
+    gives the whole tensor one step (chapter 7's ablations). Returns a tensor shaped to
+    broadcast against ``w`` (C_out × 1 × …)."""
+    if method not in WEIGHT_STEPS:
+        raise ValueError(f"unknown weight-step method {method!r}; choose one of {WEIGHT_STEPS}")
     lo, hi = grid(bits, True)
-    flat = w.reshape(w.shape[0], -1)
+    flat = w.reshape(w.shape[0] if per_channel else 1, -1)
     max_abs = flat.abs().amax(1).clamp_min(1e-8)
     best_err = torch.full_like(max_abs, float("inf"))
     best_s = max_abs / hi
-    for r in torch.linspace(1.0 / n_candidates, 1.0, n_candidates).tolist():
+    ratios = torch.linspace(1.0 / n_candidates, 1.0, n_candidates).tolist() if method == "mse" else []
+    for r in ratios:
         s = (r * max_abs / hi).unsqueeze(1)
         err = (fake_quant(flat, s, bits) - flat).pow(2).sum(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s.squeeze(1), best_s)
-    return best_s.view(-1, *([1] * (w.dim() - 1)))
+    return best_s.expand(w.shape[0]).reshape(-1, *([1] * (w.dim() - 1))).clone()
 
 
 @torch.no_grad()
@@ -161,6 +170,13 @@ class AttentionRound(torch.autograd.Function):
 def attention_round(v: torch.Tensor, alpha: torch.Tensor, sigma) -> torch.Tensor:
     """Functional form of :class:`AttentionRound`: ⌊v + α⌉ with the eq. 6 gradient to α."""
     return AttentionRound.apply(v, alpha, sigma)
+
+
+def ste_round(v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """⌊v + α⌉ with a plain straight-through gradient (∂z/∂α = 1): eq. 3's forward without
+    eq. 6's backward, for chapter 7's ablation."""
+    x = v + alpha
+    return x + (torch.round(x) - x).detach()
 
 
 def attention_probabilities(v: float, sigma: float, lo: int, hi: int) -> torch.Tensor:

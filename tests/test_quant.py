@@ -195,3 +195,72 @@ def test_tau_explorer_computes_eq2_and_eq6():
         widgets.tau_explorer_data(0.3, -0.5)
     box = widgets.tau_explorer()  # builds without a browser
     assert len(box.children) == 2
+
+
+# --- chapter 7's ablation switches ---------------------------------------------------------
+
+def test_weight_step_variants():
+    from qlib.rounding import search_weight_scale
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3) * torch.linspace(0.1, 2.0, 6).view(-1, 1, 1, 1)
+    mse = search_weight_scale(w, 4)
+    maxabs = search_weight_scale(w, 4, method="maxabs")
+    tensor = search_weight_scale(w, 4, per_channel=False)
+    assert torch.allclose(maxabs.flatten(), w.reshape(6, -1).abs().amax(1) / 7)
+    assert (mse <= maxabs + 1e-7).all(), "the search clips: its step is never above max-abs"
+    assert tensor.shape == mse.shape and torch.unique(tensor).numel() == 1
+    err = lambda s: float((rounding.fake_quant(w, s, 4) - w).pow(2).sum())
+    assert err(mse) <= err(maxabs) and err(mse) <= err(tensor)
+    with pytest.raises(ValueError, match="weight-step"):
+        search_weight_scale(w, 4, method="minmax")
+
+
+def test_variants_change_what_they_say_and_nothing_else():
+    torch.manual_seed(0)
+    model = models.build("resnet").eval()
+    calib = torch.randn(64, 1, 28, 28)
+    kw = dict(w_bits=3, rounding="attention", iters=5, batch_size=32, progress=False)
+    base = quant.quantize(model, calib, **kw)
+    again = quant.quantize(model, calib, **kw, variant={})
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), again.state_dict().values())
+               if isinstance(a, torch.Tensor)), "an empty variant is the recipe"
+    per_tensor = quant.quantize(model, calib, **kw, variant={"per_channel": False})
+    scales = [m.scale for n, m in quant.quant_layers(per_tensor).items()]
+    assert all(torch.unique(s).numel() == 1 for s in scales)
+    zeros = quant.quantize(model, calib, w_bits=3, rounding="attention", iters=0, batch_size=32, progress=False,
+                           variant={"alpha_init": "zeros"})
+    nearest = quant.quantize(model, calib, w_bits=3, rounding="nearest", progress=False)
+    assert all(torch.equal(a.w_int, b.w_int) for a, b in zip(quant.quant_layers(zeros).values(),
+                                                            quant.quant_layers(nearest).values())), \
+        "α = 0 and no training is nearest rounding"
+    for bad in ({"backward": "sgd"}, {"per_channel": 1}, {"colour": "red"}, "ste"):
+        with pytest.raises(ValueError, match="variant"):
+            quant.quantize(model, calib, **kw, variant=bad)
+
+
+def test_ste_backward_passes_the_gradient_unchanged():
+    from qlib.rounding import attention_round, ste_round
+
+    v = torch.tensor([0.2, 1.7, -0.4])
+    a1 = torch.tensor([0.9, -0.8, 0.1], requires_grad=True)
+    a2 = a1.detach().clone().requires_grad_(True)
+    g = torch.tensor([1.0, -2.0, 0.5])
+    (ste_round(v, a1) * g).sum().backward()
+    (attention_round(v, a2, 0.5) * g).sum().backward()
+    assert torch.equal(ste_round(v, a1), attention_round(v, a2, 0.5))
+    assert torch.allclose(a1.grad, g)
+    assert not torch.allclose(a2.grad, g), "eq. 6 scales the gradient by Φ"
+
+
+def test_fixed_activation_steps_stay_at_their_initialisation():
+    torch.manual_seed(0)
+    model = models.build("vgg").eval()
+    calib = torch.randn(64, 1, 28, 28)
+    kw = dict(w_bits=4, a_bits=4, rounding="attention", batch_size=32, progress=False)
+    init = quant.quantize(model, calib, iters=0, **kw)
+    fixed = quant.quantize(model, calib, iters=20, **kw, variant={"learn_act_steps": False})
+    learned = quant.quantize(model, calib, iters=20, **kw)
+    steps = lambda q: torch.stack([m.act.scale.detach() for m in quant.quant_layers(q).values() if m.act is not None])
+    assert torch.equal(steps(init), steps(fixed))
+    assert not torch.equal(steps(init), steps(learned))
