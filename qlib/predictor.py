@@ -92,15 +92,22 @@ def _check_images(model: nn.Module, images) -> None:
 
 @torch.no_grad()
 def histogram_pass(model: nn.Module, images: torch.Tensor, bins: int, ranges: dict[str, tuple[float, float]],
-                   *, stride: int = 1, batch_size: int = 250, labels: torch.Tensor | None = None) -> dict:
+                   *, stride: int = 1, batch_size: int = 250, labels: torch.Tensor | None = None,
+                   keep_counts: tuple[int, ...] = ()) -> dict:
     """One forward pass over ``images`` that histograms every token layer's output and keeps
     the predictions. ``stride`` > 1 histograms every stride-th value of each map (an
     unbiased estimate for the full test set at a fraction of the cost). Returns
-    ``tokens`` (L × 2·bins), ``preds`` (N), ``acc`` (% if ``labels`` given) and ``seconds``."""
+    ``tokens`` (L × 2·bins), ``preds`` (N), ``acc`` (% if ``labels`` given) and ``seconds``;
+    with ``keep_counts`` = (16, 64, …) also ``counts`` {n: L × bins raw counts over the first
+    n images} and ``values_per_image`` (V per layer), from which :func:`tokens_from_counts`
+    makes the tokens of any of those prefixes at ``bins`` or fewer bins (chapter 7)."""
     _check_bins(bins)
     _check_images(model, images)
     if not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be an integer ≥ 1, got {stride!r}")
+    bad = [n for n in keep_counts if not isinstance(n, int) or not 1 <= n <= len(images)]
+    if bad:
+        raise ValueError(f"keep_counts must be image counts in 1..{len(images)}, got {bad}")
     names = token_layers(model)
     missing = [n for n in names if n not in ranges]
     if missing:
@@ -121,11 +128,15 @@ def histogram_pass(model: nn.Module, images: torch.Tensor, bins: int, ranges: di
     hooks = [model.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
     was_training = model.training
     model.eval().to(memory_format=torch.channels_last)
-    preds = []
+    preds, kept = [], {}
+    # batch edges at every multiple of batch_size and at every prefix whose counts are kept
+    edges = sorted(set(range(0, len(images), batch_size)) | set(keep_counts) | {len(images)})
     try:
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].contiguous(memory_format=torch.channels_last)
+        for i, j in zip(edges[:-1], edges[1:]):
+            x = images[i:j].contiguous(memory_format=torch.channels_last)
             preds.append(model(x).argmax(1))
+            if j in keep_counts:
+                kept[j] = torch.stack([counts[k].clone() * stride for k in names])
     finally:
         for h in hooks:
             h.remove()
@@ -134,9 +145,22 @@ def histogram_pass(model: nn.Module, images: torch.Tensor, bins: int, ranges: di
     tokens = torch.stack([token_from_counts(counts[k] * stride, n, per_image[k]) for k in names])
     preds = torch.cat(preds)
     out = {"tokens": tokens, "preds": preds, "seconds": time.perf_counter() - start}
+    if keep_counts:
+        out["counts"], out["values_per_image"] = kept, [per_image[k] for k in names]
     if labels is not None:
         out["acc"] = 100 * (preds == labels).float().mean().item()
     return out
+
+
+def tokens_from_counts(counts: torch.Tensor, n_images: int, values_per_image: list[int],
+                       merge: int = 1) -> torch.Tensor:
+    """Tokens (L × 2·bins/merge) from raw per-layer counts (L × bins, as histogram_pass's
+    ``counts``), adjacent bins summed ``merge`` at a time: the bins are equal over the same
+    range, so merged counts are exactly the counts at bins/merge."""
+    if not isinstance(merge, int) or merge < 1 or counts.shape[1] % merge:
+        raise ValueError(f"merge must be a positive divisor of the {counts.shape[1]} bins, got {merge!r}")
+    merged = counts.reshape(counts.shape[0], -1, merge).sum(2)
+    return torch.stack([token_from_counts(c, n_images, v) for c, v in zip(merged, values_per_image)])
 
 
 def layer_histograms(model: nn.Module, images: torch.Tensor, bins: int,

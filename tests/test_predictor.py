@@ -211,3 +211,23 @@ def test_ridge_selects_on_validation_and_predicts_a_linear_truth():
     tr, va, te = recs(80), recs(20), recs(20)
     p, info = baselines.ridge(tr, va, te, "weights")
     assert np.abs(p - baselines.labels(te)).max() < 0.5 and info["alpha"] in baselines.RIDGE_ALPHAS
+
+
+def test_kept_counts_give_the_tokens_of_fewer_images_and_bins(tiny):
+    """Chapter 7's probe-size and bin ablations come from one pass: the counts kept after
+    the first n images, merged 2 → 1 bins, equal a fresh pass over those n at half the bins."""
+    from qlib.graph import fold_bn
+
+    m, images = tiny
+    fm = fold_bn(m)
+    ranges = predictor.float_ranges(m, images)
+    out = predictor.histogram_pass(fm, images, 16, ranges, batch_size=15, keep_counts=(7, 40))
+    assert torch.allclose(predictor.tokens_from_counts(out["counts"][40], 40, out["values_per_image"]),
+                          out["tokens"], atol=1e-6)
+    fresh = predictor.histogram_pass(fm, images[:7], 8, ranges)["tokens"]
+    merged = predictor.tokens_from_counts(out["counts"][7], 7, out["values_per_image"], merge=2)
+    assert torch.allclose(merged, fresh, atol=1e-5)
+    with pytest.raises(ValueError, match="keep_counts"):
+        predictor.histogram_pass(fm, images, 16, ranges, keep_counts=(41,))
+    with pytest.raises(ValueError, match="merge"):
+        predictor.tokens_from_counts(out["counts"][7], 7, out["values_per_image"], merge=3)
