@@ -32,6 +32,7 @@ from qlib import cache, data, models, profiles, quant, report
 FIXED_DETERMINISTIC = ("nearest", "floor", "ceil")  # the same result for every seed
 TUNED_METHODS = ("adaround", "attention")  # the methods whose learning rate is selected
 SELECTION_VERSION = 1  # bump when a change to qlib alters what a cached selection means
+RUN_VERSION = 1        # the same for cached run records
 
 
 @dataclass
@@ -86,20 +87,36 @@ def setup(profile: str = "quick", dataset: str = "fashion-mnist", archs=models.A
 
 
 def run(S: Setup, arch: str, rounding: str, w_bits, a_bits: int | None = None, *, seed: int = 0,
-        split: str = "test", tags: dict | None = None, keep_model: bool = False, **overrides) -> dict:
+        split: str = "test", tags: dict | None = None, keep_model: bool = False, cache_record: bool = True,
+        **overrides) -> dict:
     """Quantize one float model with the profile's settings (``overrides`` replace any of
     quantize()'s keyword arguments) and return its record, top-1 measured on ``split``; with
-    ``keep_model`` the record also holds the quantized model under "model"."""
+    ``keep_model`` the record also holds the quantized model under "model".
+
+    Records are cached (``cache_record``) under a key covering the float weights, the
+    calibration and evaluation images and every quantize() argument, so a later chapter that
+    needs a run an earlier one made (chapter 7's recipe baselines are chapter 3's runs) reads
+    it instead of calibrating again; its "seconds" are those of the run that made it."""
     eval_set = S.split(split)
     kwargs = S.quant.kwargs(seed=seed, **overrides)
+    spec = {"v": RUN_VERSION, "arch": arch, "rounding": rounding, "w_bits": w_bits, "a_bits": a_bits,
+            "split": split, "kwargs": kwargs, "model": _digest(*S.float_models[arch].state_dict().values()),
+            "calib": _digest(S.calib), "eval": _digest(*eval_set.tensors)}
+    path = cache.path_for("run", spec)
+    hit = cache.load(path) if cache_record and not keep_model else None
+    if hit is not None:
+        return {**(tags or {}), **hit}
     q = quant.quantize(S.float_models[arch], S.calib, w_bits=w_bits, a_bits=a_bits,
                        rounding=rounding, progress=False, **kwargs)
     rep = q.quant_report
-    rec = {**(tags or {}), "arch": arch, "rounding": rounding,
+    rec = {"arch": arch, "rounding": rounding,
            "w_bits": w_bits if isinstance(w_bits, int) else "mixed", "a_bits": a_bits or 32,
            "seed": seed, "tau": kwargs.get("tau", 0.5), "lr": kwargs["lr"], "split": split,
            "acc": 100 * models.evaluate(q, eval_set), "seconds": rep["seconds"],
            "images": rep["images"], "iters": rep["iters_per_module"], "device": rep["device"]}
+    if cache_record:
+        cache.save(rec, path)
+    rec = {**(tags or {}), **rec}
     if keep_model:
         rec["model"] = q
     return rec
@@ -188,7 +205,8 @@ def select(S: Setup, arch: str, rounding: str, name: str, grid, *, w_bits, a_bit
         return hit
     todo = [(v, s) for v in grid for s in seeds]
     bar = tqdm(todo, desc=f"select {name}: {arch} {rounding}", disable=not progress, leave=False)
-    recs = [run(S, arch, rounding, w_bits, a_bits, seed=s, split="val", **{**fixed, name: v})
+    recs = [run(S, arch, rounding, w_bits, a_bits, seed=s, split="val", cache_record=use_cache,
+                **{**fixed, name: v})
             for v, s in bar]
     for r, (v, _) in zip(recs, todo):
         r[name] = v

@@ -239,6 +239,36 @@ def population(S, arch: str, *, progress: bool = True) -> dict:
     return pop
 
 
+def probe_counts(S, arch: str, bins: int, keep: tuple[int, ...]) -> dict:
+    """Chapter 7: every configuration of ``arch``'s population histogrammed on the probe
+    images at ``bins`` bins, keeping the raw counts after the first n probe images for each n
+    in ``keep``, so predictor.tokens_from_counts gives the tokens at any probe size in ``keep``
+    and any bin count dividing ``bins``, from one pass per model (cached models, cached result).
+    Returns ``counts`` (per record, {n: L × bins}) and ``values_per_image`` (per layer)."""
+    from qlib import experiments
+
+    pop = population(S, arch, progress=False)
+    model = S.float_models[arch]
+    spec = {"version": VERSION, "arch": arch, "bins": bins, "keep": list(keep), "probe": pop["probe_idx"].tolist(),
+            "configs": [config_key(r["config"]) for r in pop["records"]], "calib": experiments._digest(S.calib),
+            "float": experiments._digest(*model.state_dict().values())}
+    path = cache.path_for("probe_counts", spec)
+    hit = cache.load(path)
+    if hit is not None:
+        return hit
+    probe = S.test_set.tensors[0][pop["probe_idx"]]
+    ranges = {k: tuple(v) for k, v in pop["ranges"].items()}
+    counts, vpi = [], None
+    for r in tqdm(pop["records"], desc=f"probe histograms {arch}", leave=False):
+        out = predictor.histogram_pass(quantized(r["config"], model, S.calib), probe, bins, ranges,
+                                       keep_counts=tuple(keep))
+        counts.append(out["counts"])
+        vpi = out["values_per_image"]
+    res = {"counts": counts, "values_per_image": vpi}
+    cache.save(res, path)
+    return res
+
+
 def split(records: list[dict], fractions=(0.6, 0.2, 0.2), seed: int = 0) -> dict[str, list[int]]:
     """Disjoint train / val / test indices into ``records``, by configuration: a seeded
     shuffle cut by ``fractions``; identical configurations (same config_key) always land in

@@ -99,12 +99,30 @@ class Generator:
 
 
 @dataclass(frozen=True)
+class Ablation:
+    """Chapter 7: what each choice in the recipe and in the predictor is worth."""
+    # the recipe's switches, run on every model at these (w_bits, a_bits, seeds, questions);
+    # questions None: every switch, else the names of those run at that setting
+    settings: tuple = ((3, None, (0, 1, 2), None), (4, 4, (0, 1, 2), None))
+    # the cost/benefit grid: calibration images × Adam steps per unit, at W{budget_w_bits}A32, seed 0
+    calib_grid: tuple[int, ...] = (32, 128, 256, 1024)
+    iters_grid: tuple[int, ...] = (0, 500, 1000, 2000)
+    budget_w_bits: int = 3
+    # the predictor (chapter 5's population and split)
+    train_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)   # of each architecture's training configs
+    bins_grid: tuple[int, ...] = (8, 16, 32, 64, 128)    # each divides the last: one pass, bins merged
+    probe_grid: tuple[int, ...] = (16, 64, 256)          # prefixes of the probe set; the last is the profile's
+    fit_seeds: tuple[int, ...] = (0, 1, 2)               # the main predictor refitted: its own spread
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     train: Train = field(default_factory=Train)
     quant: Quant = field(default_factory=Quant)
     predictor: Predictor = field(default_factory=Predictor)
     generator: Generator = field(default_factory=Generator)
+    ablation: Ablation = field(default_factory=Ablation)
     test_subset: int | None = None  # None: the full 10k test set
 
 
@@ -133,6 +151,13 @@ PROFILES: dict[str, Profile] = {
         # cores): 100 steps and two learning rates per method fit chapter 6's share
         generator=Generator(steps=100, batch=8, eval_every=10, patience=5, lr_grid_generator=(1e-3, 3e-3),
                             lr_grid_image=(0.02, 0.05), real_draws=50, k_draws=50),
+        # a W3A32 run costs ~4 s and a W4A4 run ~6.5 s on two cores (quantize + 10k test
+        # images): every switch at W3A32 with two seeds (weight rounding decides there); at
+        # W4A4 one seed and only the switches that touch activations or the reconstruction
+        # unit; the cost/benefit grid up to this profile's 100 steps
+        ablation=Ablation(settings=((3, None, (0, 1), None),
+                                    (4, 4, (0,), ("block", "first_last", "act_fixed"))),
+                          iters_grid=(0, 25, 100), fit_seeds=(0, 1)),
     ),
     "paper": Profile(
         name="paper",

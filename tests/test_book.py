@@ -126,6 +126,41 @@ def test_chapter6_one_image_error():
     assert float(v["k1_mae"]) > float(v["k1000_mae"]), "top-1 on more images must err less"
 
 
+def test_chapter7_effects_agree_with_their_tables():
+    """Every effect chapter 7's prose and summary quote exists, and agrees in size and sign
+    with the rows of the table it summarises; every verdict agrees with its difference."""
+    import ast
+    import json
+
+    v = _values("07_ablations")
+    ptq = json.loads(ast.literal_eval(v["t7_ptq_json"]))
+    assert ptq, "no switch was compared with the recipe"
+    for key in {r["key"] for r in ptq}:
+        rows = [r for r in ptq if r["key"] == key]
+        mean = sum(r["Δ"] for r in rows) / len(rows)
+        glued_mean = float(v[f"eff_{key}"])
+        assert abs(glued_mean - mean) < 1e-9, (key, glued_mean, mean)
+        worse = sum(r["verdict"] == "recipe better" for r in rows)
+        assert ast.literal_eval(v[f"eff_{key}_real"]) == f"{worse} of {len(rows)}", key
+    for r in ptq:
+        if r["verdict"] != "no real difference":
+            assert (r["Δ"] > 0) == (r["verdict"] == "change better"), r
+    pred = json.loads(ast.literal_eval(v["t7_pred_json"]))
+    backed = {r["glue"]: r for r in pred if r["glue"]}
+    assert len(backed) == 8, sorted(backed)
+    for name, r in backed.items():
+        assert abs(float(v[f"eff_{name}"]) - r["dMAE"]) < 1e-9, name
+        assert ast.literal_eval(v[f"eff_{name}_v"]) == r["verdict"], name
+    for r in pred:
+        assert r["low"] <= r["dMAE"] <= r["high"], r
+        if r["verdict"] == "worse":
+            assert r["low"] > 0, r
+        if r["verdict"] == "better":
+            assert r["high"] < 0, r
+    # learning the rounding is what the budget buys: the recipe must beat its own 0-step start
+    assert float(v["eff_budget_learn"]) > 1.0
+
+
 def test_book_builds():
     html = book.build()
     index = html / "index.html"

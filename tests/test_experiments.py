@@ -60,7 +60,7 @@ def _tiny_setup():
     return experiments.Setup(p, test, test, test, x[:32], {"net": net}, {"net": 100.0}, torch.device("cpu"))
 
 
-def test_run_seeds_and_compare_setting_records():
+def test_run_seeds_and_compare_setting_records(tmp_cache):
     S = _tiny_setup()
     near = experiments.run_seeds(S, "net", "nearest", 4)
     assert len(near) == 1, "nearest has no randomness: one run"
@@ -76,6 +76,23 @@ def test_run_seeds_and_compare_setting_records():
     assert list(table.columns[:4]) == ["float", "nearest", "adaround", "attention"]
     v = experiments.verdicts(recs, "attention", "adaround")
     assert v.loc[0, "verdict"] in ("Attention Round better", "AdaRound better", "tie")
+
+
+def test_run_records_are_cached_under_every_setting(tmp_cache):
+    S = _tiny_setup()
+    first = experiments.run(S, "net", "attention", 3, seed=1, tags={"table": "a"})
+    again = experiments.run(S, "net", "attention", 3, seed=1, tags={"table": "b"})
+    assert again == {**first, "table": "b"}, "a cache hit returns the same record with the caller's tags"
+    assert len(list((tmp_cache / "run").glob("*.pt"))) == 1
+    # any argument that changes the result changes the key
+    experiments.run(S, "net", "attention", 3, seed=1, variant={"backward": "ste"})
+    experiments.run(S, "net", "attention", 3, seed=1, lr=0.5)
+    experiments.run(dataclasses.replace(S, calib=S.calib[:16]), "net", "attention", 3, seed=1, batch_size=16)
+    assert len(list((tmp_cache / "run").glob("*.pt"))) == 4
+    # keep_model always quantizes (a record from the cache has no model) and leaves the cache alone
+    kept = experiments.run(S, "net", "attention", 3, seed=1, keep_model=True)
+    assert kept["acc"] == first["acc"] and isinstance(kept["model"], nn.Module)
+    assert len(list((tmp_cache / "run").glob("*.pt"))) == 4
 
 
 def _toy_selection_setup():
