@@ -58,6 +58,21 @@ class Setup:
             raise ValueError(f"split must be 'val' (selection) or 'test' (reported numbers), got {name!r}")
         return self.val_set if name == "val" else self.test_set
 
+    def digest(self, what: str) -> str:
+        """Content hash of the calibration images ("calib"), a split ("val", "test") or a
+        float model ("model:<arch>") for cache keys, computed once per Setup: hashing the
+        10k test images on every run would cost more than a cache hit saves."""
+        memo = self.__dict__.setdefault("_digests", {})
+        if what not in memo:
+            if what == "calib":
+                tensors = (self.calib,)
+            elif what.startswith("model:"):
+                tensors = tuple(self.float_models[what[len("model:"):]].state_dict().values())
+            else:
+                tensors = self.split(what).tensors
+            memo[what] = _digest(*tensors)
+        return memo[what]
+
     def run_settings(self) -> dict:
         """The settings every chapter states at its top (for glue)."""
         q = self.quant
@@ -100,8 +115,8 @@ def run(S: Setup, arch: str, rounding: str, w_bits, a_bits: int | None = None, *
     eval_set = S.split(split)
     kwargs = S.quant.kwargs(seed=seed, **overrides)
     spec = {"v": RUN_VERSION, "arch": arch, "rounding": rounding, "w_bits": w_bits, "a_bits": a_bits,
-            "split": split, "kwargs": kwargs, "model": _digest(*S.float_models[arch].state_dict().values()),
-            "calib": _digest(S.calib), "eval": _digest(*eval_set.tensors)}
+            "split": split, "kwargs": kwargs, "model": S.digest(f"model:{arch}"), "calib": S.digest("calib"),
+            "eval": S.digest(split)}
     path = cache.path_for("run", spec)
     hit = cache.load(path) if cache_record and not keep_model else None
     if hit is not None:
@@ -197,8 +212,7 @@ def select(S: Setup, arch: str, rounding: str, name: str, grid, *, w_bits, a_bit
         raise ValueError(f"{name!r} cannot be both selected and fixed")
     spec = {"v": SELECTION_VERSION, "rounding": rounding, "name": name, "grid": grid, "seeds": seeds,
             "w_bits": w_bits, "a_bits": a_bits, "fixed": fixed, "quant": S.quant.kwargs(),
-            "model": _digest(*S.float_models[arch].state_dict().values()),
-            "calib": _digest(S.calib), "val": _digest(*S.val_set.tensors)}
+            "model": S.digest(f"model:{arch}"), "calib": S.digest("calib"), "val": S.digest("val")}
     path = cache.path_for("selection", spec)
     hit = cache.load(path) if use_cache else None
     if hit is not None:

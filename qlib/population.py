@@ -307,15 +307,13 @@ def trained_predictor(arch: str, profile: str = "quick", *, progress: bool = Tru
             sets[s][1].extend(pop["records"][i]["acc"] for i in idx[s])
     spec = {"version": VERSION, "profile": profile, "tokens": "probe",
             "data": cache.key({a: [r["acc"] for r in p["records"]] for a, p in pops.items()}),
-            "settings": {k: getattr(P, k) for k in ("d_model", "heads", "layers", "epochs", "patience", "lr", "seed")}}
+            "settings": P.fit_kwargs()}
     path = cache.path_for("predictor", spec)
     hit = cache.load(path)
     token_dim = 2 * P.bins
     model = predictor.AccuracyPredictor(token_dim, P.d_model, P.heads, P.layers)
     if hit is None:
-        model, hist = predictor.fit(sets["train"], sets["val"], d_model=P.d_model, heads=P.heads,
-                                    layers=P.layers, epochs=P.epochs, patience=P.patience, lr=P.lr,
-                                    seed=P.seed, progress=progress)
+        model, hist = predictor.fit(sets["train"], sets["val"], progress=progress, **P.fit_kwargs())
         cache.save({"state_dict": model.state_dict(), "history": hist}, path)
     else:
         model.load_state_dict(hit["state_dict"])

@@ -74,6 +74,12 @@ class Predictor:
     lr: float = 2e-3
     seed: int = 0
 
+    def fit_kwargs(self, **overrides) -> dict:
+        """predictor.fit()'s keyword arguments for this profile's encoder, then ``overrides``
+        (e.g. ``seed=1``, ``position_encoding=False``)."""
+        return {"d_model": self.d_model, "heads": self.heads, "layers": self.layers, "epochs": self.epochs,
+                "patience": self.patience, "lr": self.lr, "seed": self.seed, **overrides}
+
 
 @dataclass(frozen=True)
 class Generator:
