@@ -23,14 +23,17 @@ ROUNDINGS = ("nearest", "stochastic", "adaround", "attention")
 
 
 def labels(records: list[dict]) -> np.ndarray:
+    """The measured top-1 (%) of each record."""
     return np.asarray([r["acc"] for r in records], dtype=float)
 
 
 def train_mean(train: list[dict], test: list[dict]) -> np.ndarray:
+    """Every test configuration predicted at the training configurations' mean top-1."""
     return np.full(len(test), labels(train).mean())
 
 
 def probe_top1(test: list[dict]) -> np.ndarray:
+    """Top-1 on the probe images the histograms were taken on, read as the prediction."""
     return np.asarray([r["probe_acc"] for r in test], dtype=float)
 
 
@@ -82,6 +85,7 @@ def ridge(train: list[dict], val: list[dict], test: list[dict], kind: str) -> tu
 
 
 def flat_tokens(records: list[dict], key: str = "tokens_probe") -> np.ndarray:
+    """Each record's per-layer histogram tokens, flattened into one feature row."""
     return np.stack([r[key].reshape(-1).numpy() for r in records]).astype(float)
 
 

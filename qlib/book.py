@@ -1,4 +1,4 @@
-"""Execute the chapters with papermill and build the HTML book from the executed copies.
+"""Execute the chapters with papermill and build the HTML book from the executed copies::
 
     python -m qlib.book execute --profile quick   # notebooks/*.ipynb → _build/executed/
     python -m qlib.book build                     # _build/executed + book/ → _build/html
@@ -23,6 +23,7 @@ EXECUTED = BUILD / "executed"
 
 
 def notebooks() -> list[Path]:
+    """The chapters, ``notebooks/NN_*.ipynb``, in order."""
     return sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -42,18 +43,29 @@ def execute_one(nb: Path, profile: str = "quick", out_dir: Path = EXECUTED) -> P
 
 
 def execute(profile: str = "quick", out_dir: Path = EXECUTED) -> list[Path]:
+    """Run every chapter in order (:func:`execute_one`); returns the executed copies."""
     return [execute_one(nb, profile, out_dir) for nb in notebooks()]
 
 
 def _mathjax_dir() -> Path:
-    import jupyter_server_mathjax
+    """MathJax 3 with its TeX web fonts, as the ``django-static-mathjax`` wheel ships it."""
+    import mathjax
 
-    return Path(jupyter_server_mathjax.__file__).parent / "static"
+    return Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
+
+
+# What the pages load: the combined TeX→CHTML component, the woff fonts it points at
+# ([mathjax]/output/chtml/fonts/woff-v2), and the menu and accessibility parts it loads on
+# demand. The speech-rule engine (sre/, 4 MB) is only loaded if a reader switches it on.
+MATHJAX_PARTS = ("tex-chtml-full.js", "output/chtml", "input", "ui", "a11y")
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def _stage_notebook(executed: Path, staged: Path) -> None:
     """Copy an executed chapter for the book, hiding the parameters cell and the one
-    papermill injected (the prose states the profile through glue)."""
+    papermill injected (the prose states the profile through glue), without widget views."""
     import nbformat
 
     nb = nbformat.read(executed, as_version=4)
@@ -61,14 +73,54 @@ def _stage_notebook(executed: Path, staged: Path) -> None:
         tags = cell.metadata.get("tags", [])
         if "parameters" in tags or "injected-parameters" in tags:
             cell.metadata["tags"] = tags + ["remove-cell"]
+        # A widget in a static page has no kernel behind it: its sliders would move and
+        # change nothing, and drawing it would pull the widget manager from a CDN. The
+        # picture it drew at execution stays; `make widgets` serves the live version.
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if WIDGET_VIEW not in o.get("data", {})]
+    nb.metadata.pop("widgets", None)
     nbformat.write(nb, staged)
 
 
-def build(executed_dir: Path = EXECUTED, out_dir: Path = BUILD) -> Path:
+def _git_origin() -> str | None:
+    """The GitHub address of this checkout's ``origin`` remote, if it has one."""
+    try:
+        url = subprocess.run(["git", "-C", str(REPO), "remote", "get-url", "origin"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    url = url.removesuffix(".git").replace("git@github.com:", "https://github.com/")
+    return url if url.startswith("https://github.com/") else None
+
+
+def _configure_launch(config: Path, repository: str | None, jupyterhub: str | None) -> None:
+    """Point the launch buttons (Binder, Colab, JupyterHub) at the repository the book is
+    published from. Binder builds its image from the repository's ``environment.yml``.
+    Without a repository address the theme shows no launch buttons, and we say so."""
+    import yaml
+
+    repository = repository or os.environ.get("QLIB_BOOK_REPOSITORY") or _git_origin()
+    jupyterhub = jupyterhub or os.environ.get("QLIB_BOOK_JUPYTERHUB")
+    cfg = yaml.safe_load(config.read_text())
+    if repository:
+        cfg["repository"] = {"url": repository, "branch": "main"}
+    else:
+        print("no repository address (git origin on GitHub, or QLIB_BOOK_REPOSITORY): "
+              "the pages get no Binder/Colab/JupyterHub launch buttons")
+    if jupyterhub:
+        cfg["launch_buttons"]["jupyterhub_url"] = jupyterhub
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+
+
+def build(executed_dir: Path = EXECUTED, out_dir: Path = BUILD, *, repository: str | None = None,
+          jupyterhub: str | None = None) -> Path:
     """Stage the book sources with the executed notebooks and run ``jupyter-book build``.
 
-    MathJax is copied from the ``jupyter-server-mathjax`` package into the book's static
-    files so the pages typeset math offline. Returns the HTML folder."""
+    ``repository`` (default ``$QLIB_BOOK_REPOSITORY``, else the GitHub ``origin`` remote) and
+    ``jupyterhub`` (default ``$QLIB_BOOK_JUPYTERHUB``) are where the launch buttons point.
+
+    MathJax 3 and its fonts are copied from the ``django-static-mathjax`` package into the
+    book's static files, so the pages typeset math offline. Returns the HTML folder."""
     missing = [nb.name for nb in notebooks() if not (executed_dir / nb.name).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -81,14 +133,21 @@ def build(executed_dir: Path = EXECUTED, out_dir: Path = BUILD) -> Path:
     src.mkdir(parents=True)
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(REPO / name, src / name)
+    _configure_launch(src / "_config.yml", repository, jupyterhub)
     shutil.copytree(REPO / "book", src / "book")
     (src / "notebooks").mkdir()
     for nb in notebooks():
         _stage_notebook(executed_dir / nb.name, src / "notebooks" / nb.name)
     # html_extra_path copies this tree verbatim into the output (→ _static/mathjax/); under
     # the book's own _static, Jupyter Book would add every MathJax file as a <script>.
-    shutil.copytree(_mathjax_dir(), src / "_mathjax" / "_static" / "mathjax")
+    mj = src / "_mathjax" / "_static" / "mathjax"
+    mj.mkdir(parents=True)
+    for part in MATHJAX_PARTS:
+        (shutil.copytree if (_mathjax_dir() / part).is_dir() else shutil.copy2)(
+            _mathjax_dir() / part, mj / part)
     site = out_dir / "site"
+    if site.exists():  # stale pages or MathJax files of an earlier build must not survive
+        shutil.rmtree(site)
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(src), "--all",
            "--path-output", str(site), "--warningiserror", "--nitpick", "--keep-going"]
     env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1")
@@ -99,6 +158,7 @@ def build(executed_dir: Path = EXECUTED, out_dir: Path = BUILD) -> Path:
 
 
 def main(argv=None) -> None:
+    """``python -m qlib.book {execute,build,all} [--profile quick|paper]``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("step", choices=["execute", "build", "all"])
     p.add_argument("--profile", default=os.environ.get("PROFILE", "quick"), choices=["quick", "paper"])

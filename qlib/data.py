@@ -51,8 +51,10 @@ _FILES = {
 
 
 SPLITS = ("train", "val", "test")
-VAL_SIZE = 5000  # training images held out of float training for selecting hyperparameters
-VAL_SEED = 0     # which ones: a fixed random draw, the same on every machine
+#: Training images held out of float training for selecting hyperparameters.
+VAL_SIZE = 5000
+#: Which ones: a fixed random draw, the same on every machine.
+VAL_SEED = 0
 
 
 class DataError(RuntimeError):

@@ -1,5 +1,5 @@
 """The experiment harness the chapters share: load a profile's data and float models once,
-run a PTQ setting over seeds into flat records, and turn records into tables.
+run a PTQ setting over seeds into flat records, and turn records into tables::
 
     S = experiments.setup("quick")
     hp = experiments.tuned(S, "resnet", "attention")     # {"lr": …}, chosen on validation

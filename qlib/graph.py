@@ -15,7 +15,7 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 SUPPORTED = (nn.Conv2d, nn.Linear)
-# Modules calibrated as one unit, their inner layers optimised jointly (the paper's §4.1).
+#: Modules calibrated as one unit, their inner layers optimised jointly (the paper's §4.1).
 DEFAULT_BLOCKS: tuple[type, ...] = (BasicBlock, Bottleneck, InvertedResidual)
 # Modules with weights that quantize() leaves in float: a BatchNorm with no conv before it.
 PASSIVE = (nn.BatchNorm2d,)

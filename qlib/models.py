@@ -1,6 +1,6 @@
 """The book's three model families, sized for 28×28 inputs, and how they are trained.
 
-* ``resnet``: a CIFAR-style ResNet (3 stages of torchvision ``BasicBlock``s, 1×1 conv
+* ``resnet``: a CIFAR-style ResNet (3 stages of torchvision ``BasicBlock`` modules, 1×1 conv
   downsample shortcuts), the counterpart of the paper's ResNet-18/50.
 * ``mobilenetv2``: torchvision's ``MobileNetV2`` class (inverted residuals, depthwise
   convs) with a short block list, a 1-channel stride-1 stem and a narrower last conv.
@@ -128,6 +128,7 @@ def build(arch: str, in_channels: int = 1, num_classes: int = 10, image_size: in
 
 
 def count_params(model: nn.Module) -> int:
+    """The number of parameters (weights, biases, BatchNorm affines)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -162,6 +163,7 @@ def layer_table(model: nn.Module, input_shape=(1, 1, 28, 28)) -> list[dict]:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is CUDA when available, else the CPU; anything else as torch reads it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

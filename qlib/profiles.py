@@ -2,7 +2,7 @@
 
 ``quick`` runs the whole book on two CPU cores inside the CI budget; ``paper`` uses the
 papers' settings and is meant for a GPU. Chapters read their numbers from here and say
-in their text which ones they used.
+in their text which ones they used::
 
     p = profiles.get("quick")
     qmodel = quant.quantize(model, calib, w_bits=4, **p.quant.kwargs(seed=1))

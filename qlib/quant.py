@@ -40,10 +40,10 @@ from qlib.rounding import AttentionRound, attention_probabilities, backward_fact
 
 FIXED = ("nearest", "floor", "ceil", "stochastic")  # no calibration
 LEARNED = ("adaround", "attention")                  # block reconstruction
-# Chapter 7's ablation switches and the recipe's choices (the defaults): weight steps by the
-# ‖W − Ŵ‖² search or max-abs, per channel or per tensor; Attention Round's α started from
-# N(0, τ²) or zeros, trained through eq. 6's backward or a plain straight-through gradient;
-# activation steps learned during reconstruction or left at their MSE initialisation.
+#: Chapter 7's ablation switches and the recipe's choices (the defaults): weight steps by the
+#: ‖W − Ŵ‖² search or max-abs, per channel or per tensor; Attention Round's α started from
+#: N(0, τ²) or zeros, trained through eq. 6's backward or a plain straight-through gradient;
+#: activation steps learned during reconstruction or left at their MSE initialisation.
 VARIANT = {"weight_steps": "mse", "per_channel": True, "alpha_init": "gaussian", "backward": "eq6",
            "learn_act_steps": True}
 FORMAT = "qlib.quant/1"
@@ -394,21 +394,24 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
              progress: bool = True) -> nn.Module:
     """A quantized copy of ``model`` (which is left untouched), calibrated on ``calib``.
 
-    w_bits: an int, or ``{layer_name: bits}`` for every quantized layer (first and last
-        layers may be omitted: they use ``first_last_bits``).
-    a_bits: bits for the input of every layer but the first (None: activations stay float).
-    rounding: nearest, floor, ceil, stochastic (fixed, no calibration), adaround or
-        attention (eq. 3–6; unit-by-unit reconstruction, ``iters`` Adam steps per unit).
-    lr, act_lr: Adam's learning rates for the rounding variables (α or V) and for the
-        activation step sizes (None: lr/10, BRECQ's ratio).
-    tau: the std of Attention Round's α. ``tau_units="grid"`` (the book's reading) takes τ in
-        grid steps, α ~ N(0, τ²); ``"weight"`` is the literal reading α ~ N(0, (τ/s)²).
-    blocks: module types reconstructed as one unit (default :data:`DEFAULT_BLOCKS`,
-        torchvision's BasicBlock, Bottleneck and InvertedResidual); ``()`` reconstructs
-        layer by layer.
-    variant: chapter 7's ablation switches, a dict over the keys of :data:`VARIANT` (the
-        defaults are the recipe): weight_steps "mse"/"maxabs", per_channel, alpha_init
-        "gaussian"/"zeros", backward "eq6"/"ste", learn_act_steps.
+    * ``w_bits``: an int, or ``{layer_name: bits}`` for every quantized layer (first and
+      last layers may be omitted: they use ``first_last_bits``).
+    * ``a_bits``: bits for the input of every layer but the first (None: activations stay
+      float).
+    * ``rounding``: nearest, floor, ceil, stochastic (fixed, no calibration), adaround or
+      attention (eq. 3–6; unit-by-unit reconstruction, ``iters`` Adam steps per unit).
+    * ``lr``, ``act_lr``: Adam's learning rates for the rounding variables (α or V) and for
+      the activation step sizes (None: lr/10, BRECQ's ratio).
+    * ``tau``: the std of Attention Round's α. ``tau_units="grid"`` (the book's reading)
+      takes τ in grid steps, α ~ N(0, τ²); ``"weight"`` is the literal reading
+      α ~ N(0, (τ/s)²).
+    * ``blocks``: module types reconstructed as one unit (default
+      :data:`qlib.graph.DEFAULT_BLOCKS`: torchvision's BasicBlock, Bottleneck and
+      InvertedResidual); ``()`` reconstructs layer by layer.
+    * ``variant``: chapter 7's ablation switches, a dict over the keys of :data:`VARIANT`
+      (the defaults are the recipe): weight_steps "mse"/"maxabs", per_channel, alpha_init
+      "gaussian"/"zeros", backward "eq6"/"ste", learn_act_steps.
+
     The returned model is on the CPU and carries ``quant_report`` (seconds, images,
     iterations, device, bits and the per-unit reconstruction losses), part of its state."""
     _check_args(calib, rounding, tau, tau_units, a_bits, first_last_bits, iters, batch_size)

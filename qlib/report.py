@@ -10,7 +10,7 @@ import numpy as np
 def difference_is_real(mean_a: float, std_a: float, mean_b: float, std_b: float, n: int,
                        single_seed_margin: float = 1.0) -> tuple[float, bool]:
     """(2·SE, real) for the difference of two means over ``n`` seeds each: real when
-    |mean_a − mean_b| > 2·√((s²ₐ + s²ᵦ)/n), roughly a 95% test with few seeds. With one seed
+    ``|mean_a − mean_b| > 2·√((s²ₐ + s²ᵦ)/n)``, roughly a 95% test with few seeds. With one seed
     there is no spread to compare with; then 2·SE is NaN and the difference counts as real
     only beyond ``single_seed_margin`` points."""
     diff = mean_a - mean_b
@@ -46,7 +46,7 @@ def _point_metrics(y, p) -> dict[str, float]:
 
 
 def regression_metrics(y_true, y_pred, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """MAE, RMSE, max |error|, bias (mean of prediction − truth), Spearman and Kendall rank
+    """MAE, RMSE, largest absolute error, bias (mean of prediction − truth), Spearman and Kendall rank
     correlation and R² of ``y_pred`` against ``y_true`` (points), each with a percentile
     bootstrap interval over the evaluated items (``n_boot`` resamples, ``level``).
     Returns {metric: (value, low, high)}."""

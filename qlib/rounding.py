@@ -118,7 +118,7 @@ def adaround_init(v: torch.Tensor) -> torch.Tensor:
 
 
 def adaround_regularizer(V: torch.Tensor, beta: float) -> torch.Tensor:
-    """f(V) = Σ 1 − |2h(V) − 1|^β: pushes every h(V) to 0 or 1 as β falls."""
+    """``f(V) = Σ 1 − |2h(V) − 1|^β`` (AdaRound's eq. 24): pushes every h(V) to 0 or 1 as β falls."""
     return (1 - (2 * rectified_sigmoid(V) - 1).abs().pow(beta)).sum()
 
 

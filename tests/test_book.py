@@ -171,5 +171,7 @@ def test_book_builds():
         assert "Traceback" not in text
         # glue references resolved into numbers, not left as raw roles
         assert "{glue:" not in text
-    assert (html / "_static" / "mathjax" / "MathJax.js").is_file()
+    # MathJax 3 and its TeX fonts are served with the book (the browser tests check they load)
+    assert (html / "_static" / "mathjax" / "tex-chtml-full.js").is_file()
+    assert (html / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2" / "MathJax_Math-Italic.woff").is_file()
     assert "cdn.jsdelivr" not in index.read_text()
