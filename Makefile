@@ -1,16 +1,20 @@
 # Two commands set everything up on a fresh machine:
 #   make book   install, execute every chapter (PROFILE=quick|paper) and build the HTML book
-#   make test   install, then pytest: unit tests, every chapter through papermill, the book build
+#   make test   install, then pytest: unit tests, every chapter through papermill, the book build,
+#               the built book and the widgets in a real browser
+#   make serve    the built book on http://127.0.0.1:$(PORT)/
+#   make widgets  the τ explorer and the bit-list picker, live (Voilà on 127.0.0.1)
 PYTHON     ?= python3
 VENV       ?= .venv
 PROFILE    ?= quick
+PORT       ?= 8000
 # The releases this project is tested with; elsewhere use the build that fits your machine
 # (see the README), e.g. make TORCH_SPEC="torch torchvision --index-url ...".
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.qlib-installed
 
-.PHONY: book test setup data clean
+.PHONY: book test setup data browser serve widgets clean
 
 book: setup
 	$(PY) -m qlib.book all --profile $(PROFILE)
@@ -18,7 +22,7 @@ book: setup
 test: setup
 	$(PY) -m pytest
 
-setup: $(STAMP) data
+setup: $(STAMP) data browser
 
 # Re-runs only when pyproject.toml changes, so a second `make` finishes set-up in seconds.
 $(STAMP): pyproject.toml
@@ -38,6 +42,24 @@ data: $(STAMP)
 	else \
 	  $(PY) -m qlib.data --download; \
 	fi
+
+# Debian's chromium for the browser tests (as root with apt); without it they skip and say so.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get install -y -qq chromium >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null); \
+	else \
+	  echo "chromium is not installed and this is not root: tests/test_browser.py will skip"; \
+	fi
+
+serve:
+	@test -f _build/site/_build/html/index.html || (echo "no built book: run make book first" && exit 1)
+	@echo "the book: http://127.0.0.1:$(PORT)/  (Ctrl-C stops)"
+	$(PY) -m http.server $(PORT) --bind 127.0.0.1 --directory _build/site/_build/html
+
+widgets: setup
+	$(VENV)/bin/voila notebooks/explorers.ipynb --port=$(PORT) --Voila.ip=127.0.0.1 --no-browser
 
 clean:
 	rm -rf _build

@@ -1,6 +1,6 @@
 """One representative image (predictor preprint, Part 2, §2.3–2.4): a Transformer
 encoder–decoder generates a single image that, fed to a quantized model, gives histogram
-tokens from which chapter 5's frozen predictor reads the model's accuracy.
+tokens from which chapter 5's frozen predictor reads the model's accuracy::
 
     G = Generator(token_dim=64, image_shape=(1, 28, 28), value_range=(lo, hi))
     image = G(float_tokens)                 # 1 × C × H × W, the architecture's image

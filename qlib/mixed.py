@@ -5,7 +5,7 @@ A layer's weight becomes W ∈ R^{n×m}, a set of m vectors of n dimensions: the
 the output channels (one filter per row of a Conv2d weight C_out × C_in × k × k, or one row
 of a Linear weight), each with n = C_in·k·k (Linear: in_features) entries. Layers whose
 filters carry more information at a fixed distortion ε² get a longer code, and the longer
-codes get the wider bit widths.
+codes get the wider bit widths::
 
     bits = allocate_bits(model, [3, 4, 5, 6], eps2=1e-3)        # {layer: bits}
     qmodel = quant.quantize(model, calib, w_bits=bits, rounding="attention")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -276,6 +277,11 @@ def _spec(arch: str, profile: str, dataset: str) -> dict:
             "train": profiles.get(profile).train.as_dict(), "model_repr": repr(build(arch))}
 
 
+def pretrained_path(arch: str, profile: str = "quick", dataset: str = "fashion-mnist") -> Path:
+    """Where :func:`pretrained` caches the trained float model (it may not exist yet)."""
+    return cache.path_for("models", _spec(arch, profile, dataset))
+
+
 def pretrained(arch: str, profile: str = "quick", dataset: str = "fashion-mnist",
                device: str | torch.device = "auto", return_info: bool = False):
     """The trained float model of ``arch`` for a profile: trained once with a fixed seed,
@@ -287,7 +293,7 @@ def pretrained(arch: str, profile: str = "quick", dataset: str = "fashion-mnist"
     from qlib import data  # local import: data imports cache, models is imported by data users
 
     spec = _spec(arch, profile, dataset)
-    path = cache.path_for("models", spec)
+    path = pretrained_path(arch, profile, dataset)
     model = build(arch)
     record = cache.load(path)
     if record is not None:

@@ -1,7 +1,7 @@
 """A population of quantized models: what chapter 5's accuracy predictor learns from.
 
 A configuration is a small JSON record, never a pickled model; :func:`build` turns it back
-into the same quantized model every time:
+into the same quantized model every time::
 
     {"arch": "resnet", "kind": "alg1", "w_bits": {"conv1": 8, "layer1.0.conv1": 4, …},
      "a_bits": 6, "rounding": "nearest", "seed": 0, "quant": {}}

@@ -1,5 +1,5 @@
 """The accuracy predictor (predictor preprint, Part 1, §2.2): per-layer histogram tokens
-into a Transformer encoder whose accuracy token regresses the quantized model's top-1.
+into a Transformer encoder whose accuracy token regresses the quantized model's top-1::
 
     ranges = float_ranges(float_model, probe)                 # per layer, from the float model
     tokens = layer_histograms(qmodel, probe, bins=32, ranges=ranges)   # L × 64

@@ -4,7 +4,7 @@ The recipe is the paper's §4.1: BatchNorm folded into the convolutions; weight 
 per output channel by minimising ‖W − Ŵ‖² under nearest rounding; first and last layers at
 8 bits; each unit (a residual block, an inverted-residual block, or a lone conv/linear
 layer) calibrated in turn by minimising ‖f(x) − f̂(x)‖² with Adam; activation step sizes
-initialised by an MSE search and learned (LSQ) during reconstruction.
+initialised by an MSE search and learned (LSQ) during reconstruction::
 
     qmodel = quantize(model, calib, w_bits=4, a_bits=4, rounding="attention", iters=2000)
     save(qmodel, "resnet-w4a4.pt"); qmodel = load("resnet-w4a4.pt", "resnet")
