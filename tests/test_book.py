@@ -175,3 +175,30 @@ def test_book_builds():
     assert (html / "_static" / "mathjax" / "tex-chtml-full.js").is_file()
     assert (html / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2" / "MathJax_Math-Italic.woff").is_file()
     assert "cdn.jsdelivr" not in index.read_text()
+    # the reference matter: the API page from docstrings, citations resolved into the bibliography
+    api = (html / "book" / "api.html").read_text()
+    assert 'id="qlib.quant.quantize"' in api and 'id="qlib.mixed.allocate_bits"' in api
+    refs = (html / "book" / "references.html").read_text()
+    for nb in NOTEBOOKS:
+        text = (html / "notebooks" / f"{nb.stem}.html").read_text()
+        if nb.stem != "08_your_own_model":
+            assert "references.html#" in text, f"{nb.stem} cites nothing"
+    assert "Attention Round for Post-Training Quantization" in refs
+
+
+def test_launch_buttons_point_at_the_repository(tmp_path, monkeypatch):
+    """The staged config gets the repository address and hub the buttons need; Binder builds
+    from environment.yml, which installs this package with the book's extras."""
+    import yaml
+
+    monkeypatch.delenv("QLIB_BOOK_REPOSITORY", raising=False)
+    cfg = tmp_path / "_config.yml"
+    cfg.write_text((book.REPO / "_config.yml").read_text())
+    book._configure_launch(cfg, "https://github.com/someone/attention-round-book", "https://hub.example.org")
+    c = yaml.safe_load(cfg.read_text())
+    assert c["repository"]["url"] == "https://github.com/someone/attention-round-book"
+    assert c["launch_buttons"]["binderhub_url"] and c["launch_buttons"]["colab_url"]
+    assert c["launch_buttons"]["jupyterhub_url"] == "https://hub.example.org"
+    env = yaml.safe_load((book.REPO / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert any(p.startswith("-e .[book") for p in pip), pip
