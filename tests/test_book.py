@@ -183,7 +183,7 @@ def test_book_builds():
         text = (html / "notebooks" / f"{nb.stem}.html").read_text()
         if nb.stem != "08_your_own_model":
             assert "references.html#" in text, f"{nb.stem} cites nothing"
-    assert "Attention Round for Post-Training Quantization" in refs
+    assert "attention round for post-training quantization" in refs.lower()  # the style lowercases titles
 
 
 def test_launch_buttons_point_at_the_repository(tmp_path, monkeypatch):
