@@ -135,6 +135,7 @@ def build(executed_dir: Path = EXECUTED, out_dir: Path = BUILD, *, repository: s
         shutil.copy2(REPO / name, src / name)
     _configure_launch(src / "_config.yml", repository, jupyterhub)
     shutil.copytree(REPO / "book", src / "book")
+    shutil.copytree(REPO / "_static", src / "_static")   # book.css: Jupyter Book loads *.css found here
     (src / "notebooks").mkdir()
     for nb in notebooks():
         _stage_notebook(executed_dir / nb.name, src / "notebooks" / nb.name)

@@ -87,6 +87,7 @@ def test_page_reads_offline(offline, site, name):
         typeset: [...document.querySelectorAll('article .math')].filter(e => e.querySelector('mjx-container')).length,
         errors: [...document.querySelectorAll('mjx-merror')].map(e => e.getAttribute('data-mjx-error')),
         fonts: [...document.fonts].filter(f => f.family.startsWith('MJX')).map(f => [f.family, f.status]),
+        search_fields: [...document.querySelectorAll('.search-button-field')].filter(e => e.offsetParent !== null).length,
         images: [...document.querySelectorAll('article img')].map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]),
     })""")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,7 @@ def test_page_reads_offline(offline, site, name):
         # the italic math font is what a reader sees in every variable: it must be MathJax's own
         assert ["MJXTEX-I", "loaded"] in state["fonts"], f"TeX italic font not loaded: {state['fonts']}"
     assert all(ok for _, ok in state["images"]), f"broken images: {[s for s, ok in state['images'] if not ok]}"
+    assert state["search_fields"] == 1, "one search field on a wide screen (book.css hides the theme's header)"
     outside = [u for u in offline.requests if not u.startswith(("file:", "data:", "blob:"))]
     assert not outside, f"requests leaving the machine: {outside}"
 
