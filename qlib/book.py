@@ -105,6 +105,8 @@ def _configure_launch(config: Path, repository: str | None, jupyterhub: str | No
     if repository:
         cfg["repository"] = {"url": repository, "branch": "main"}
     else:
+        # Jupyter Book's default address is its own repository: buttons would open that
+        cfg["launch_buttons"] = {k: "" if k.endswith("_url") else v for k, v in cfg["launch_buttons"].items()}
         print("no repository address (git origin on GitHub, or QLIB_BOOK_REPOSITORY): "
               "the pages get no Binder/Colab/JupyterHub launch buttons")
     if jupyterhub:

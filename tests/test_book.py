@@ -171,6 +171,7 @@ def test_book_builds():
         assert "Traceback" not in text
         # glue references resolved into numbers, not left as raw roles
         assert "{glue:" not in text
+        assert "executablebooks/jupyter-book" not in text, "a launch button points at Jupyter Book's repository"
     # MathJax 3 and its TeX fonts are served with the book (the browser tests check they load)
     assert (html / "_static" / "mathjax" / "tex-chtml-full.js").is_file()
     assert (html / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2" / "MathJax_Math-Italic.woff").is_file()
@@ -199,6 +200,12 @@ def test_launch_buttons_point_at_the_repository(tmp_path, monkeypatch):
     assert c["repository"]["url"] == "https://github.com/someone/attention-round-book"
     assert c["launch_buttons"]["binderhub_url"] and c["launch_buttons"]["colab_url"]
     assert c["launch_buttons"]["jupyterhub_url"] == "https://hub.example.org"
+    # without an address no button may point anywhere (Jupyter Book's default is its own repository)
+    cfg.write_text((book.REPO / "_config.yml").read_text())
+    monkeypatch.setattr(book, "_git_origin", lambda: None)
+    book._configure_launch(cfg, None, None)
+    c = yaml.safe_load(cfg.read_text())
+    assert "repository" not in c and not any(v for k, v in c["launch_buttons"].items() if k.endswith("_url"))
     env = yaml.safe_load((book.REPO / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert any(p.startswith("-e .[book") for p in pip), pip
