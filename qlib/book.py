@@ -33,13 +33,35 @@ def execute_one(nb: Path, profile: str = "quick", out_dir: Path = EXECUTED) -> P
 
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / nb.name
+    # papermill saves its output after every cell: run into a side file and move it into
+    # place only when the last cell has run, so a killed run leaves no executed copy that a
+    # build would take as complete (and no stale copy of an earlier run either)
+    partial = out_dir / f".{nb.stem}.partial.ipynb"
+    out.unlink(missing_ok=True)
     start = time.perf_counter()
-    papermill.execute_notebook(
-        str(nb), str(out), parameters={"profile": profile}, cwd=str(nb.parent),
-        kernel_name="python3", progress_bar=False, log_output=False,
-    )
+    try:
+        papermill.execute_notebook(
+            str(nb), str(partial), parameters={"profile": profile}, cwd=str(nb.parent),
+            kernel_name="python3", progress_bar=False, log_output=False,
+        )
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, out)
     print(f"executed {nb.name} ({profile}) in {time.perf_counter() - start:.0f} s", flush=True)
     return out
+
+
+def is_complete(executed: Path) -> bool:
+    """Whether ``executed`` is a finished papermill run: readable, every cell run, no error."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(executed, as_version=4)
+    except Exception:
+        return False
+    pm = nb.metadata.get("papermill", {})
+    return bool(pm.get("end_time")) and not pm.get("exception")
 
 
 def execute(profile: str = "quick", out_dir: Path = EXECUTED) -> list[Path]:
@@ -129,6 +151,10 @@ def build(executed_dir: Path = EXECUTED, out_dir: Path = BUILD, *, repository: s
             f"not executed yet: {', '.join(missing)} (looked in {executed_dir}); "
             "run `python -m qlib.book execute` first"
         )
+    unfinished = [nb.name for nb in notebooks() if not is_complete(executed_dir / nb.name)]
+    if unfinished:
+        raise ValueError(f"these executed chapters did not finish (an interrupted or failed run): "
+                         f"{', '.join(unfinished)}; run `python -m qlib.book execute` again")
     src = out_dir / "src"
     if src.exists():
         shutil.rmtree(src)

@@ -57,13 +57,14 @@ def save(obj, path: Path) -> None:
 
 
 def load(path: Path):
-    """The cached object, or ``None`` if the file is missing or unreadable (a corrupt file
-    is reported and treated as a miss, so the caller rebuilds and overwrites it)."""
+    """The cached object, or ``None`` if the file is missing or unreadable. A corrupt file is
+    reported, removed and treated as a miss, so the caller rebuilds it."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, foreign object: never trust it
-        warnings.warn(f"ignoring unreadable cache file {path} ({type(e).__name__}: {e}); rebuilding")
+        warnings.warn(f"removed unreadable cache file {path} ({type(e).__name__}: {e}); it will be rebuilt")
+        path.unlink(missing_ok=True)
         return None

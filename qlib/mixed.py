@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from qlib import checks
 from qlib.graph import fold_bn, quantizable_layers
 from qlib.rounding import check_bits, fake_quant, search_weight_scale
 
@@ -34,10 +35,11 @@ def coding_length(W: torch.Tensor, eps2: float, center: bool = False) -> float:
     det(I_m + c Wᵀ W)) and a Cholesky factor, log det = 2 Σ log diag(chol): exact for n ≫ m
     and m ≫ n alike. The paper derives eq. 12 for zero-mean vectors; ``center=True``
     subtracts the mean vector first, ``False`` (the default) applies eq. 12 as written."""
-    if not (isinstance(eps2, (int, float)) and eps2 > 0):
-        raise ValueError(f"eps2 (the coding distortion ε²) must be a number > 0, got {eps2!r}")
-    if W.dim() != 2 or W.numel() == 0:
-        raise ValueError(f"W must be a non-empty n × m matrix, got shape {tuple(W.shape)}")
+    eps2 = checks.number(eps2, "eps2", low=0, strict=True, meaning="the coding distortion ε²")
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or W.numel() == 0:
+        raise ValueError(f"W must be a non-empty n × m tensor, got {getattr(W, 'shape', type(W).__name__)}")
+    if not torch.isfinite(W).all():
+        raise ValueError("W has NaN or infinite entries: its coding length is undefined")
     W = W.detach().to(torch.float64).cpu()
     if center:
         W = W - W.mean(dim=1, keepdim=True)

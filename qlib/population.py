@@ -198,6 +198,30 @@ def _learned_kwargs(S, arch: str) -> dict[str, dict]:
             for r in quant.LEARNED}
 
 
+def label_all(configs: list[dict], float_model: nn.Module, folded: nn.Module, calib: torch.Tensor, test_set,
+              probe: torch.Tensor, float_probe_preds: torch.Tensor, probe_labels: torch.Tensor, ranges: dict,
+              bins: int, stride: int, *, progress: bool = True, desc: str = "labelling") -> tuple[list[dict], int]:
+    """:func:`label` for every configuration, each record saved to the cache the moment it is
+    measured: a build that is interrupted (a killed process, a closed laptop) resumes from the
+    configurations it finished. Returns the records, in order, and how many came from the cache."""
+    from qlib import experiments
+
+    common = {"test": experiments._digest(*test_set.tensors), "probe": experiments._digest(probe),
+              "bins": bins, "stride": stride, "ranges": cache.key({k: list(v) for k, v in ranges.items()})}
+    records, reused = [], 0
+    for cfg in tqdm(configs, desc=desc, disable=not progress):
+        path = cache.path_for("label", {**_model_spec(cfg, float_model, calib), **common})
+        rec = cache.load(path)
+        if rec is None:
+            rec = label(cfg, float_model, folded, calib, test_set, probe, float_probe_preds, probe_labels,
+                        ranges, bins, stride)
+            cache.save(rec, path)
+        else:
+            reused += 1
+        records.append(rec)
+    return records, reused
+
+
 def population(S, arch: str, *, progress: bool = True) -> dict:
     """The labelled population of ``arch`` for Setup ``S``'s profile, from the cache or built
     (with a progress bar) and saved atomically. Returns ``records`` (one dict per
@@ -227,12 +251,14 @@ def population(S, arch: str, *, progress: bool = True) -> dict:
     ranges = predictor.float_ranges(model, probe)
     fl_full = predictor.histogram_pass(folded, images, P.bins, ranges, stride=P.full_stride, labels=labels)
     fl_probe = predictor.histogram_pass(folded, probe, P.bins, ranges, labels=probe_labels)
-    records = []
-    for cfg in tqdm(configs, desc=f"labelling {arch}", disable=not progress):
-        records.append(label(cfg, model, folded, S.calib, S.test_set, probe, fl_probe["preds"], probe_labels,
-                             ranges, P.bins, P.full_stride))
+    float_seconds = time.perf_counter() - start
+    records, _ = label_all(configs, model, folded, S.calib, S.test_set, probe, fl_probe["preds"], probe_labels,
+                           ranges, P.bins, P.full_stride, progress=progress, desc=f"labelling {arch}")
+    # labelling time: the float passes now plus each record's own cost, so a build that
+    # resumed after an interruption reports what the population cost, not what was left
+    seconds = float_seconds + sum(r["seconds"] for r in records)
     pop = {"arch": arch, "records": records, "probe_idx": pidx, "ranges": {k: list(v) for k, v in ranges.items()},
-           "bins": P.bins, "stride": P.full_stride, "seconds": time.perf_counter() - start,
+           "bins": P.bins, "stride": P.full_stride, "seconds": seconds,
            "float": {"acc": fl_full["acc"], "probe_acc": fl_probe["acc"], "tokens_full": fl_full["tokens"],
                      "tokens_probe": fl_probe["tokens"], "probe_preds": fl_probe["preds"]}}
     cache.save(pop, path)

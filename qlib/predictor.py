@@ -46,8 +46,8 @@ def histogram_counts(values: torch.Tensor, bins: int, lo: float, hi: float) -> t
     """Counts of ``values`` in ``bins`` equal bins over [lo, hi]; values below lo count in
     the first bin, above hi in the last (clamped, so the counts sum to values.numel())."""
     _check_bins(bins)
-    if not hi > lo:
-        raise ValueError(f"histogram range must have hi > lo, got [{lo}, {hi}]")
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise ValueError(f"histogram range must be finite with hi > lo, got [{lo}, {hi}]")
     v = values.detach().reshape(-1).float().clamp(lo, hi)
     return torch.histc(v, bins=bins, min=lo, max=hi)
 
@@ -82,6 +82,8 @@ def _check_images(model: nn.Module, images) -> None:
         raise ValueError(f"images must be a tensor N × C × H × W, got {shape}")
     if len(images) == 0:
         raise ValueError("images is empty: pass at least one image")
+    if not torch.isfinite(images).all():
+        raise ValueError("images has NaN or infinite values: histograms of them mean nothing; fix the images")
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d) or
                   (hasattr(m, "w_int") and m.w_int.dim() == 4)), None)
     if first is not None:

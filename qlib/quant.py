@@ -18,7 +18,6 @@ the state dict too (``quant_report``).
 from __future__ import annotations
 
 import copy
-import math
 import time
 import weakref
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qlib import cache
+from qlib import cache, checks
 from qlib.capture import capture, capture_many  # noqa: F401 (API: chapters use quant.capture)
 from qlib.graph import (DEFAULT_BLOCKS, calibration_units, check_blocks, fold_bn,  # noqa: F401
                         quantizable_layers, set_module)
@@ -252,23 +251,29 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
 
 # --- quantize(), step by step --------------------------------------------------------------
 
-def _check_args(calib, rounding, tau, tau_units, a_bits, first_last_bits, iters, batch_size) -> None:
+def _check_args(model, calib, rounding, tau, tau_units, a_bits, first_last_bits, iters, batch_size,
+                lr, act_lr, seed) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
-    if not (isinstance(tau, (int, float)) and tau >= 0):
-        raise ValueError(f"tau must be a number ≥ 0 (the std of α), got {tau!r}")
+    checks.number(tau, "tau", low=0, meaning="the std of α in grid steps")
     if tau_units not in ("grid", "weight"):
         raise ValueError(f"tau_units must be 'grid' or 'weight', got {tau_units!r}")
     check_bits(first_last_bits, "first_last_bits")
     if a_bits is not None:
         check_bits(a_bits, "a_bits")
-    if not isinstance(calib, torch.Tensor) or calib.dim() < 2:
-        raise ValueError("calib must be a tensor of calibration inputs, N × C × H × W")
+    checks.integer(batch_size, "batch_size", low=1, meaning="calibration images per step")
+    checks.integer(iters, "iters", low=0, meaning="Adam steps per unit")
+    checks.integer(seed, "seed", low=0)
+    checks.number(lr, "lr", low=0, strict=True, meaning="Adam's step size")
+    if act_lr is not None:
+        checks.number(act_lr, "act_lr", low=0, strict=True, meaning="Adam's step size for activation steps")
+    checks.images(calib, "calib", model)
+    checks.finite_model(model)
     if rounding in LEARNED and len(calib) < batch_size:
         raise ValueError(f"{len(calib)} calibration images are fewer than the batch size "
                          f"{batch_size}; pass more images or a smaller batch_size")
-    if rounding in LEARNED and (not isinstance(iters, int) or iters < 0):
-        raise ValueError(f"iters must be an integer ≥ 0, got {iters!r}")
 
 
 def check_variant(variant) -> dict:
@@ -414,10 +419,8 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
 
     The returned model is on the CPU and carries ``quant_report`` (seconds, images,
     iterations, device, bits and the per-unit reconstruction losses), part of its state."""
-    _check_args(calib, rounding, tau, tau_units, a_bits, first_last_bits, iters, batch_size)
-    for name, value in (("lr", lr), ("act_lr", act_lr)):
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0 (Adam's step size), got {value!r}")
+    _check_args(model, calib, rounding, tau, tau_units, a_bits, first_last_bits, iters, batch_size,
+                lr, act_lr, seed)
     blocks = check_blocks(blocks)
     variant = check_variant(variant)
     start = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from qlib import checks
 from qlib.rounding import attention_probabilities, backward_factor, grid
 
 
@@ -18,16 +19,17 @@ def tau_explorer_data(v: float, tau: float, bits: int = 4, n_alpha: int = 401) -
       there when α ~ N(0, τ²) (τ in grid steps, the book's reading), clipping included;
     * ``alpha``, ``factor_pos``, ``factor_neg``: the eq. 6 backward factor against α, for an
       incoming gradient ∂L/∂z > 0 and ≤ 0."""
-    if tau < 0:
-        raise ValueError(f"tau must be ≥ 0, got {tau}")
+    v = checks.number(v, "v", meaning="the weight in grid steps, w/s")
+    tau = checks.number(tau, "tau", low=0, meaning="the std of α in grid steps")
+    checks.integer(n_alpha, "n_alpha", low=2)
     lo, hi = grid(bits, signed=True)
-    prob = attention_probabilities(float(v), float(tau), lo, hi).numpy()
+    prob = attention_probabilities(v, tau, lo, hi).numpy()
     span = 3 * max(tau, 0.5)
     alpha = torch.linspace(-span, span, n_alpha, dtype=torch.float64)
     pos = backward_factor(alpha, tau, torch.ones_like(alpha, dtype=torch.bool)).numpy()
     neg = backward_factor(alpha, tau, torch.zeros_like(alpha, dtype=torch.bool)).numpy()
     return {"grid": np.arange(lo, hi + 1), "prob": prob, "alpha": alpha.numpy(),
-            "factor_pos": pos, "factor_neg": neg, "v": float(v), "tau": float(tau), "bits": bits}
+            "factor_pos": pos, "factor_neg": neg, "v": v, "tau": tau, "bits": bits}
 
 
 def plot_tau_explorer(d: dict, axes=None):
