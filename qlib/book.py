@@ -171,9 +171,9 @@ def build(executed_dir: Path = EXECUTED, out_dir: Path = BUILD, *, repository: s
     # the book's own _static, Jupyter Book would add every MathJax file as a <script>.
     mj = src / "_mathjax" / "_static" / "mathjax"
     mj.mkdir(parents=True)
+    mathjax = _mathjax_dir()
     for part in MATHJAX_PARTS:
-        (shutil.copytree if (_mathjax_dir() / part).is_dir() else shutil.copy2)(
-            _mathjax_dir() / part, mj / part)
+        (shutil.copytree if (mathjax / part).is_dir() else shutil.copy2)(mathjax / part, mj / part)
     site = out_dir / "site"
     if site.exists():  # stale pages or MathJax files of an earlier build must not survive
         shutil.rmtree(site)

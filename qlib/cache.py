@@ -35,7 +35,7 @@ def key(spec: dict) -> str:
 
 
 def path_for(kind: str, spec: dict) -> Path:
-    """Where the artefact of ``kind`` ("models", "runs", …) for ``spec`` is cached."""
+    """Where the artefact of ``kind`` ("models", "run", …) for ``spec`` is cached."""
     return cache_dir() / kind / f"{key(spec)}.pt"
 
 
