@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from qlib import experiments, models, profiles
+from qlib import experiments, models, profiles, quant
 
 
 def parse_setting(s: str) -> tuple[int, int | None]:
@@ -39,7 +39,7 @@ def main() -> None:
     print(f"device: {models.describe_device(S.device)}; torch {torch.__version__}; quant profile "
           f"{args.quant_profile} ({qs.calib_images} images, {qs.iters} steps/module, lr grid {list(qs.lr_grid)}, "
           f"batch {qs.batch_size}, seeds {list(qs.seeds)}); float models: {args.models_profile} profile")
-    hp = {(a, m): experiments.tuned(S, a, m) for a in args.models for m in experiments.TUNED_METHODS}
+    hp = {(a, m): experiments.tuned(S, a, m) for a in args.models for m in quant.LEARNED}
     print("selected on validation at", f"W{qs.tune_w_bits}A32:",
           ", ".join(f"{a} {m} lr {v['lr']:g}" for (a, m), v in hp.items()), flush=True)
     print(f"{'model':12s} {'setting':8s} {'float':>6s} {'nearest':>8s} {'AdaRound':>15s} "

@@ -1,4 +1,5 @@
-"""The cheap predictors the accuracy encoder must beat (DESIGN.md, "fair comparisons").
+"""The cheap predictors the accuracy encoder must beat: what a statistician would try first
+with the same probe images and the same labelled configurations.
 
 Each takes population records (see :mod:`qlib.population`) split by configuration and
 returns predicted top-1 (%) for the test records; whatever it tunes (a ridge penalty, an
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from qlib.population import ROUNDINGS
+
 RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 MLP_GRID = tuple((h, a) for h in ((64,), (128, 64)) for a in (1e-2, 1.0, 10.0))
-ROUNDINGS = ("nearest", "stochastic", "adaround", "attention")
 
 
 def labels(records: list[dict]) -> np.ndarray:

@@ -34,6 +34,15 @@ def key(spec: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def digest(*tensors: torch.Tensor) -> str:
+    """A short content hash of tensors (their bytes, in order) for cache keys: the same
+    weights or images always give the same digest."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def path_for(kind: str, spec: dict) -> Path:
     """Where the artefact of ``kind`` ("models", "run", …) for ``spec`` is cached."""
     return cache_dir() / kind / f"{key(spec)}.pt"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from qlib.hooks import forward_hooks
+
 
 class _Stop(Exception):
     pass
@@ -31,17 +33,13 @@ def capture_many(model: nn.Module, modules: list[nn.Module], data: torch.Tensor,
                 raise _Stop
         return hook
 
-    hooks = [m.register_forward_hook(make_hook(k)) for k, m in enumerate(modules)]
-    try:
+    with forward_hooks((m, make_hook(k)) for k, m in enumerate(modules)):
         for i in range(0, len(data), batch_size):
             fired.clear()
             try:
                 model(data[i:i + batch_size].to(dev))
             except _Stop:
                 pass
-    finally:
-        for h in hooks:
-            h.remove()
     return [torch.cat(c) for c in chunks]
 
 

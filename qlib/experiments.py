@@ -10,7 +10,7 @@ A record is a plain dict (arch, rounding, w_bits, a_bits, seed, tau, lr, split, 
 seconds, images, iters, device, plus any tags the caller adds), so lists of them go
 straight into pandas.
 
-The fair-comparison protocol (DESIGN.md): every hyperparameter the book picks is picked by
+The fair-comparison protocol (the introduction's "validation split"): every hyperparameter the book picks is picked by
 :func:`select` on the validation split, never on the test split; :func:`tuned` applies it
 to each learned method's learning rate, per model, at one stated setting, with the same
 calibration images and iteration budget for every method. Selections are cached.
@@ -18,7 +18,6 @@ calibration images and iteration budget for every method. Selections are cached.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -30,7 +29,6 @@ from tqdm.auto import tqdm
 from qlib import cache, data, models, profiles, quant, report
 
 FIXED_DETERMINISTIC = ("nearest", "floor", "ceil")  # the same result for every seed
-TUNED_METHODS = ("adaround", "attention")  # the methods whose learning rate is selected
 SELECTION_VERSION = 1  # bump when a change to qlib alters what a cached selection means
 RUN_VERSION = 1        # the same for cached run records
 
@@ -70,7 +68,7 @@ class Setup:
                 tensors = tuple(self.float_models[what[len("model:"):]].state_dict().values())
             else:
                 tensors = self.split(what).tensors
-            memo[what] = _digest(*tensors)
+            memo[what] = cache.digest(*tensors)
         return memo[what]
 
     def run_settings(self) -> dict:
@@ -80,7 +78,7 @@ class Setup:
                 "lr": q.lr, "act_lr": q.act_lr, "batch": q.batch_size,
                 "device": models.describe_device(self.device), "seeds": ", ".join(map(str, q.seeds)),
                 "n_val": len(self.val_set.tensors[1]), "n_test": len(self.test_set.tensors[1]),
-                "lr_grid": ", ".join(f"{v:g}" for v in q.lr_grid), "tune_setting": f"W{q.tune_w_bits}A32"}
+                "lr_grid": ", ".join(f"{v:g}" for v in q.lr_grid), "tune_setting": quant.setting_name(q.tune_w_bits)}
 
 
 def setup(profile: str = "quick", dataset: str = "fashion-mnist", archs=models.ARCHS,
@@ -161,7 +159,7 @@ def needs_more_seeds(first: dict[str, float], nearest: float, float_acc: float,
 
 
 def compare_setting(S: Setup, arch: str, w_bits, a_bits: int | None = None, *,
-                    methods=TUNED_METHODS, hparams: dict[str, dict] | None = None,
+                    methods=quant.LEARNED, hparams: dict[str, dict] | None = None,
                     tags: dict | None = None, **kw) -> list[dict]:
     """Nearest rounding once, each learned method at the first seed, and the remaining
     seeds for all learned methods where :func:`needs_more_seeds` says so. ``hparams`` maps
@@ -180,13 +178,6 @@ def compare_setting(S: Setup, arch: str, w_bits, a_bits: int | None = None, *,
 
 
 # --- selection on the validation split ------------------------------------------------------
-
-def _digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
 
 def select(S: Setup, arch: str, rounding: str, name: str, grid, *, w_bits, a_bits: int | None = None,
            seeds=(0,), split: str = "val", fixed: dict | None = None, use_cache: bool = True,
@@ -228,7 +219,7 @@ def select(S: Setup, arch: str, rounding: str, name: str, grid, *, w_bits, a_bit
     k = max(range(len(grid)), key=lambda i: (means[i], -i))
     out = {"arch": arch, "rounding": rounding, "name": name, "best": grid[k], "grid": grid,
            "val_acc": means, "at_edge": len(grid) > 1 and k in (0, len(grid) - 1),
-           "setting": f"W{w_bits}A{a_bits or 32}", "seeds": seeds, "records": recs}
+           "setting": quant.setting_name(w_bits, a_bits), "seeds": seeds, "records": recs}
     if use_cache:
         cache.save(out, path)
     return out
@@ -240,8 +231,8 @@ def select_lr(S: Setup, arch: str, rounding: str, *, progress: bool = True) -> d
     W{tune_w_bits}A32, seeds ``tune_seeds``, everything else at the profile's settings (τ
     stays 0.5 for Attention Round; AdaRound keeps its own schedule). The full selection:
     the curve is chapter 3's sensitivity plot."""
-    if rounding not in TUNED_METHODS:
-        raise ValueError(f"{rounding!r} has no learning rate; the tuned methods are {TUNED_METHODS}")
+    if rounding not in quant.LEARNED:
+        raise ValueError(f"{rounding!r} has no learning rate; the tuned methods are {quant.LEARNED}")
     q = S.quant
     return select(S, arch, rounding, "lr", q.lr_grid, w_bits=q.tune_w_bits, seeds=q.tune_seeds,
                   progress=progress)
@@ -251,7 +242,7 @@ def tuned(S: Setup, arch: str, rounding: str, *, progress: bool = True) -> dict:
     """quantize()'s keyword arguments that the protocol selected for ``rounding`` on
     ``arch``: ``{"lr": best}`` from :func:`select_lr` for a learned method, ``{}`` for the
     fixed rules (nothing to tune). Pass them on: ``run(S, arch, r, 3, **tuned(S, arch, r))``."""
-    if rounding not in TUNED_METHODS:
+    if rounding not in quant.LEARNED:
         return {}
     return {"lr": select_lr(S, arch, rounding, progress=progress)["best"]}
 
@@ -295,17 +286,21 @@ def results_table(records: list[dict], float_acc: dict[str, float],
 
 
 def verdicts(records: list[dict], a: str, b: str, by=("arch", "w_bits", "a_bits"),
-             column: str = "rounding") -> "pd.DataFrame":  # noqa: F821
-    """For every setting, ``a`` against ``b`` by :func:`qlib.report.verdict`: the difference of
-    means, its 2·SE and "<a> better" / "<b> better" / "tie"."""
+             column: str = "rounding", names: tuple[str, str] | None = None) -> "pd.DataFrame":  # noqa: F821
+    """For every setting (``by``), the ``column`` value ``a`` against ``b`` (two methods, or
+    two configurations) by :func:`qlib.report.verdict`: the difference of means, its 2·SE
+    and "<a> better" / "<b> better" / "tie", with ``names`` (default: their display names)
+    in the words; ``a``'s and ``b``'s means beside it."""
     import pandas as pd
 
+    names = names or (models.display_name(a), models.display_name(b))
     s = summarize(records, [*by, column])
     rows = []
     for key, g in s.groupby(list(by), sort=False):
         ra, rb = (g[g[column] == m].iloc[0] for m in (a, b))
         two_se, word = report.verdict(ra["mean"], ra["std"], rb["mean"], rb["std"], int(ra["count"]),
-                                      names=(models.display_name(a), models.display_name(b)))
-        rows.append({**dict(zip(by, key)), "seeds": int(ra["count"]),
-                     f"{a} − {b}": ra["mean"] - rb["mean"], "± 2·SE": two_se, "verdict": word})
+                                      names=names)
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "seeds": int(ra["count"]),
+                     a: ra["mean"], b: rb["mean"], f"{a} − {b}": ra["mean"] - rb["mean"], "± 2·SE": two_se,
+                     "verdict": word})
     return pd.DataFrame(rows)

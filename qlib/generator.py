@@ -2,10 +2,11 @@
 encoder–decoder generates a single image that, fed to a quantized model, gives histogram
 tokens from which chapter 5's frozen predictor reads the model's accuracy::
 
-    G = Generator(token_dim=64, image_shape=(1, 28, 28), value_range=(lo, hi))
+    G = ImageGenerator(token_dim=64, image_shape=(1, 28, 28), value_range=(lo, hi))
     image = G(float_tokens)                 # 1 × C × H × W, the architecture's image
-    G, hist = stage2(G.parameters(), lambda: {a: G(cond[a]) for a in cond}, P, train, val)
-    predictor.predict(P_arch, qmodel, images=image)      # one forward pass per prediction
+    hist = stage2(G.parameters(), lambda: {a: G(cond[a])[0] for a in cond}, judge, train, val,
+                  ranges=ranges, bins=32)   # judge: chapter 5's predictor, frozen
+    predictor.predict(trained, qmodel, images=image)     # one forward pass per prediction
 
 The book's reading of §2.3 (chapter 6 says why): the encoder reads the **float** model's
 per-layer tokens on the probe images, computed once per architecture, so the image depends
@@ -30,21 +31,23 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from qlib import predictor as pred
+from qlib import tokens
+from qlib.hooks import forward_hooks
+from qlib.predictor import EarlyStopping, pad_tokens, predict_tokens, sinusoidal_encoding
 
 
 # --- differentiable histograms -----------------------------------------------------------
 
 def soft_histogram_counts(values: torch.Tensor, bins: int, lo: float, hi: float,
                           softness: float = 1.0) -> torch.Tensor:
-    """A differentiable version of :func:`qlib.predictor.histogram_counts` (linear binning):
+    """A differentiable version of :func:`qlib.tokens.histogram_counts` (linear binning):
     a value within ``softness``/2 bin widths of an edge between two bins splits its unit
     of mass between them linearly in its distance to the edge; elsewhere it counts whole in
     its bin. softness = 1 is linear interpolation between bin centres (every value has a
     gradient); as softness → 0 the counts become the hard histogram. Values outside
     [lo, hi] count whole in the end bins, as the hard counts clamp them; the counts sum to
     values.numel(). Cost O(values), not O(values × bins)."""
-    pred._check_bins(bins)
+    tokens.check_bins(bins)
     if not hi > lo:
         raise ValueError(f"histogram range must have hi > lo, got [{lo}, {hi}]")
     if not (isinstance(softness, (int, float)) and math.isfinite(softness) and 0 < softness <= 1):
@@ -63,20 +66,18 @@ def soft_histogram_counts(values: torch.Tensor, bins: int, lo: float, hi: float,
 
 def image_tokens(qmodel: nn.Module, image: torch.Tensor, bins: int, ranges: dict, *,
                  softness: float = 1.0, straight_through: bool = True) -> torch.Tensor:
-    """The tokens of :func:`qlib.predictor.layer_histograms` for one image, with a gradient
+    """The tokens of :func:`qlib.tokens.layer_histograms` for one image, with a gradient
     to the image's pixels. ``straight_through``: the forward value is the hard histogram
     (so a prediction in training is the prediction at use) and the gradient is the soft
     histogram's; otherwise both are the soft histogram's."""
     if image.dim() == 3:
         image = image.unsqueeze(0)
-    pred._check_images(qmodel, image)
+    tokens.check_images(qmodel, image)
     if len(image) != 1:
         raise ValueError(f"image_tokens takes one image, got {len(image)}")
-    names = pred.token_layers(qmodel)
-    missing = [n for n in names if n not in ranges]
-    if missing:
-        raise ValueError(f"ranges lacks layers {missing}; use the ranges of this architecture's predictor")
-    tokens = {}
+    names = tokens.token_layers(qmodel)
+    tokens.check_ranges(names, ranges)
+    per_layer = {}
 
     def make_hook(n):
         lo, hi = ranges[n]
@@ -86,24 +87,20 @@ def image_tokens(qmodel: nn.Module, image: torch.Tensor, bins: int, ranges: dict
             v = out.reshape(-1)
             soft = soft_histogram_counts(v, bins, lo, hi, softness).double()
             if straight_through:
-                counts = pred.histogram_counts(v, bins, lo, hi).double() + soft - soft.detach()
+                counts = tokens.histogram_counts(v, bins, lo, hi).double() + soft - soft.detach()
             else:
                 counts = soft
-            tokens[n] = pred.token_from_counts(counts, 1, v.numel())
+            per_layer[n] = tokens.token_from_counts(counts, 1, v.numel())
         return hook
 
-    hooks = [qmodel.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
-    try:
+    with forward_hooks((qmodel.get_submodule(n), make_hook(n)) for n in names):
         qmodel(image)
-    finally:
-        for h in hooks:
-            h.remove()
-    return torch.stack([tokens[n] for n in names])
+    return torch.stack([per_layer[n] for n in names])
 
 
 # --- the encoder–decoder -----------------------------------------------------------------
 
-class Generator(nn.Module):
+class ImageGenerator(nn.Module):
     """Transformer encoder over per-layer tokens → MaskGIT-style bidirectional decoder over
     image patches → one image in ``value_range`` (per channel, the data's normalised range).
 
@@ -130,7 +127,7 @@ class Generator(nn.Module):
         self.register_buffer("lo", lo.expand(C).clone().view(1, C, 1, 1))
         self.register_buffer("hi", hi.expand(C).clone().view(1, C, 1, 1))
         self.embed = nn.Linear(token_dim, d_model)
-        self.register_buffer("pe", pred.sinusoidal_encoding(max_layers, d_model))
+        self.register_buffer("pe", sinusoidal_encoding(max_layers, d_model))
         enc = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout=0.0, batch_first=True,
                                          norm_first=True)
         self.encoder = nn.TransformerEncoder(enc, enc_layers, enable_nested_tensor=False)
@@ -188,42 +185,37 @@ def _check_entries(entries, what: str) -> None:
             raise ValueError(f"each {what} entry must be (arch, quantized model, top-1 %), got {e!r}")
 
 
-def _predictions(P: nn.Module, entries, images: dict, ranges: dict, bins: int, softness: float,
+def _predictions(judge: nn.Module, entries, images: dict, ranges: dict, bins: int, softness: float,
                  straight_through: bool = True) -> torch.Tensor:
     toks = [image_tokens(q, images[a], bins, ranges[a], softness=softness, straight_through=straight_through)
             for a, q, _ in entries]
-    X, M = pred.pad_tokens(toks)
-    return P(X, M)
+    X, M = pad_tokens(toks)
+    return judge(X, M)
 
 
 @torch.no_grad()
-def evaluate_images(P: nn.Module, entries, images: dict, ranges: dict, bins: int) -> np.ndarray:
+def evaluate_images(judge: nn.Module, entries, images: dict, ranges: dict, bins: int) -> np.ndarray:
     """The frozen predictor's output for each (arch, quantized model, label) fed the hard
     histograms of ``images[arch]``."""
-    toks = [pred.layer_histograms(q, images[a].reshape(1, *images[a].shape[-3:]), bins, ranges[a])
+    toks = [tokens.layer_histograms(q, images[a].reshape(1, *images[a].shape[-3:]), bins, ranges[a])
             for a, q, _ in entries]
-    return pred.predict_tokens(P, toks)
+    return predict_tokens(judge, toks)
 
 
-def stage2(params: Iterable[nn.Parameter], make_images: Callable[[], dict], P: nn.Module, train, val, *,
+def stage2(params: Iterable[nn.Parameter], make_images: Callable[[], dict], judge: nn.Module, train, val, *,
            ranges: dict, bins: int, steps: int = 300, batch: int = 16, lr: float = 3e-3,
            softness: float = 1.0, eval_every: int = 10, patience: int = 10, seed: int = 0,
            progress: bool = True, desc: str = "stage 2") -> dict:
-    """Stage 2 (§2.4): the stage-1 predictor ``P`` frozen, train ``params`` (the generator's,
-    or a free image's) so that P, fed each training model's histograms on the image
-    ``make_images()[arch]``, returns that model's label: Adam on the MSE in P's
-    standardised units, ``batch`` models per step. ``train`` and ``val`` are lists of
-    (arch, quantized model, top-1 %); every ``eval_every`` steps the validation MAE
+    """Stage 2 (§2.4): the stage-1 predictor ``judge`` frozen, train ``params`` (the
+    generator's, or a free image's) so that the judge, fed each training model's histograms
+    on the image ``make_images()[arch]``, returns that model's label: Adam on the MSE in
+    the judge's standardised units, ``batch`` models per step. ``train`` and ``val`` are
+    lists of (arch, quantized model, top-1 %); every ``eval_every`` steps the validation MAE
     (hard histograms) is measured and the best parameters kept (early stopping after
     ``patience`` evaluations without improvement). Returns the history."""
-    _check_entries(train, "training")
-    _check_entries(val, "validation")
-    shared = {id(q) for _, q, _ in train} & {id(q) for _, q, _ in val}
-    if shared:
-        raise ValueError(f"{len(shared)} model(s) are in both the training and the validation entries; "
-                         "split the population by configuration first (population.split)")
+    _check_stage2_entries(train, val)
     params = list(params)
-    P.eval().requires_grad_(False)
+    judge.eval().requires_grad_(False)
     for _, q, _ in list(train) + list(val):
         q.eval().requires_grad_(False)
     torch.manual_seed(seed)
@@ -231,39 +223,42 @@ def stage2(params: Iterable[nn.Parameter], make_images: Callable[[], dict], P: n
     y = torch.tensor([float(t) for _, _, t in train])
     vy = np.array([float(t) for _, _, t in val])
     opt = torch.optim.Adam(params, lr=lr)
+    stop = EarlyStopping(params, patience)
     hist = {"step": [], "loss": [], "eval_step": [], "val_mae": []}
-    best, best_state, since = math.inf, None, 0
     start = time.perf_counter()
     bar = tqdm(range(steps + 1), desc=desc, leave=False, disable=not progress)
     for step in bar:
         if step % eval_every == 0 or step == steps:
             with torch.no_grad():
                 imgs = make_images()
-            mae = float(np.abs(evaluate_images(P, val, imgs, ranges, bins) - vy).mean())
+            mae = float(np.abs(evaluate_images(judge, val, imgs, ranges, bins) - vy).mean())
             hist["eval_step"].append(step)
             hist["val_mae"].append(mae)
-            if mae < best - 1e-4:
-                best, since, best_state = mae, 0, [p.detach().clone() for p in params]
-            else:
-                since += 1
-            bar.set_postfix(val_mae=f"{mae:.2f}", best=f"{best:.2f}")
-            if step == steps or since >= patience:
+            done = stop.update(mae)
+            bar.set_postfix(val_mae=f"{mae:.2f}", best=f"{stop.best:.2f}")
+            if step == steps or done:
                 break
         idx = rng.choice(len(train), size=min(batch, len(train)), replace=False)
-        imgs = make_images()
-        out = _predictions(P, [train[i] for i in idx], imgs, ranges, bins, softness)
-        loss = (((out - y[idx]) / P.y_std) ** 2).mean()
+        out = _predictions(judge, [train[i] for i in idx], make_images(), ranges, bins, softness)
+        loss = (((out - y[idx]) / judge.y_std) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         hist["step"].append(step)
         hist["loss"].append(loss.item())
-    with torch.no_grad():
-        for p, b in zip(params, best_state):
-            p.copy_(b)
-    hist.update(best_val_mae=best, best_step=hist["eval_step"][int(np.argmin(hist["val_mae"]))],
+    stop.restore()
+    hist.update(best_val_mae=stop.best, best_step=hist["eval_step"][int(np.argmin(hist["val_mae"]))],
                 seconds=time.perf_counter() - start)
     return hist
+
+
+def _check_stage2_entries(train, val) -> None:
+    _check_entries(train, "training")
+    _check_entries(val, "validation")
+    shared = {id(q) for _, q, _ in train} & {id(q) for _, q, _ in val}
+    if shared:
+        raise ValueError(f"{len(shared)} model(s) are in both the training and the validation entries; "
+                         "split the population by configuration first (population.split)")
 
 
 # --- baselines' images --------------------------------------------------------------------
@@ -283,31 +278,36 @@ def bn_statistics_image(model: nn.Module, image_shape: tuple[int, int, int], *, 
     was, grads = model.training, [p.requires_grad for p in model.parameters()]
     model.eval().requires_grad_(False)
     stats = []
-    hooks = [m.register_forward_pre_hook(lambda m, i: stats.append((m, i[0]))) for m in bns]
     opt = torch.optim.Adam([x], lr=lr)
     try:
-        for _ in tqdm(range(steps), desc="BN-statistics image", leave=False, disable=not progress):
-            stats.clear()
-            model(x)
-            loss = 0.0
-            for m, t in stats + [(None, x)]:
-                flat = t.flatten(2)
-                mu, sd = flat.mean(2), (flat.var(2, unbiased=False) + 1e-6).sqrt()
-                if m is None:
-                    target_mu, target_sd = torch.zeros_like(mu), torch.ones_like(sd)
-                else:
-                    target_mu, target_sd = m.running_mean, (m.running_var + m.eps).sqrt()
-                loss = loss + (mu - target_mu).pow(2).sum() + (sd - target_sd).pow(2).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        with forward_hooks(((m, lambda m, i: stats.append((m, i[0]))) for m in bns), pre=True):
+            for _ in tqdm(range(steps), desc="BN-statistics image", leave=False, disable=not progress):
+                stats.clear()
+                model(x)
+                loss = _bn_statistics_loss(stats, x)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was)
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
     return x.detach()[0]
+
+
+def _bn_statistics_loss(stats: list, x: torch.Tensor) -> torch.Tensor:
+    """Σ ‖μ̃ − μ‖² + ‖σ̃ − σ‖² over the BatchNorm inputs in ``stats`` against their running
+    statistics, and over the image ``x`` itself against 0 and 1."""
+    loss = 0.0
+    for m, t in stats + [(None, x)]:
+        flat = t.flatten(2)
+        mu, sd = flat.mean(2), (flat.var(2, unbiased=False) + 1e-6).sqrt()
+        if m is None:
+            target_mu, target_sd = torch.zeros_like(mu), torch.ones_like(sd)
+        else:
+            target_mu, target_sd = m.running_mean, (m.running_var + m.eps).sqrt()
+        loss = loss + (mu - target_mu).pow(2).sum() + (sd - target_sd).pow(2).sum()
+    return loss
 
 
 def peak_memory_mb(fn: Callable[[], object]) -> tuple[object, float | None]:

@@ -20,6 +20,10 @@ from qlib import checks
 from qlib.graph import fold_bn, quantizable_layers
 from qlib.rounding import check_bits, fake_quant, search_weight_scale
 
+#: the coding distortion ε² the book uses (chapter 4, the population's Algorithm-1 draws,
+#: the widgets): the paper does not give its value; chapter 4 sweeps it
+EPS2 = 1e-3
+
 
 def as_vectors(weight: torch.Tensor) -> torch.Tensor:
     """The n × m matrix of eq. 8–12 for a Conv2d or Linear weight: column i is output

@@ -25,6 +25,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 from tqdm.auto import tqdm
 
 from qlib import cache, profiles
+from qlib.hooks import forward_hooks
 
 ARCHS = ("resnet", "mobilenetv2", "vgg")
 # How tables and figures name architectures and methods.
@@ -136,7 +137,7 @@ def count_params(model: nn.Module) -> int:
 def layer_table(model: nn.Module, input_shape=(1, 1, 28, 28)) -> list[dict]:
     """One row per conv/linear layer: name, type, weight shape, params, output shape and
     multiply-accumulates for one input."""
-    rows, hooks = [], []
+    rows = []
 
     def hook(name):
         def f(mod, inp, out):
@@ -150,16 +151,14 @@ def layer_table(model: nn.Module, input_shape=(1, 1, 28, 28)) -> list[dict]:
                          "output shape": tuple(out.shape[1:]), "MACs": int(macs)})
         return f
 
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            hooks.append(m.register_forward_hook(hook(name)))
+    layers = [(m, hook(name)) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        model(torch.zeros(input_shape))
-    model.train(was_training)
-    for h in hooks:
-        h.remove()
+    try:
+        with forward_hooks(layers), torch.no_grad():
+            model(torch.zeros(input_shape))
+    finally:
+        model.train(was_training)
     return rows
 
 

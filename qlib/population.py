@@ -14,8 +14,9 @@ layer-sensitivity probes). Learned roundings record their calibration settings i
 
 Labelling a configuration is one pass over the full test set (its label, top-1 %, and the
 full-test histograms, read at a stride) plus one over the probe images (the tokens a user
-pays for, the probe top-1 and the agreement with the float model's predictions). A
-population is labelled once per architecture and profile and cached atomically.
+pays for, the probe top-1 and the agreement with the float model's predictions); each
+labelled record is cached the moment it is measured. Nothing here needs a profile:
+:mod:`qlib.study` builds a profile's populations from these pieces.
 """
 from __future__ import annotations
 
@@ -23,18 +24,20 @@ import json
 import math
 import random
 import time
+import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from qlib import cache, mixed, models, predictor, quant
+from qlib import cache, mixed, quant, tokens
 from qlib.graph import fold_bn, quantizable_layers
 
 VERSION = 2             # bump when a change to qlib alters what a cached population means
-EPS2 = 1e-3             # Algorithm 1's coding distortion, as in chapter 4
 A_BITS = (None, 8, 6, 5, 4)
+#: the roundings the sampler draws: the two fixed rules a user would try, and the learned ones
+ROUNDINGS = ("nearest", "stochastic") + quant.LEARNED
 PROBE_SEED = 0
 
 
@@ -99,23 +102,26 @@ def sample_configs(arch: str, model: nn.Module, n: int, *, seed: int = 0, learne
             low = 3 if rounding == "nearest" else 4
         allowed = list(range(low, 9))
         a_bits = rng.choice(A_BITS)
-        u = rng.random()
-        if u < 0.25:
-            kind, b = "uniform", rng.choice(allowed)
-            bits = {m: b for m in middle}
-        elif u < 0.65:
-            kind, floor = "random", rng.choice(allowed[:-1])
-            bits = {m: rng.randint(floor, 8) for m in middle}
-        else:
-            kind = "alg1"
-            bitlist = sorted(rng.sample(allowed, rng.randint(2, min(4, len(allowed)))))
-            bits = mixed.allocate_bits(model, bitlist, EPS2)
+        kind, bits = _draw_bits(rng, model, middle, allowed)
         cfg = _config(arch, names, bits, a_bits, rounding, rng.randrange(1000), kind,
                       learned_kwargs.get(rounding, {}))
         if config_key(cfg) not in seen:
             seen.add(config_key(cfg))
             out.append(cfg)
     return out
+
+
+def _draw_bits(rng: random.Random, model: nn.Module, middle: list[str], allowed: list[int]) -> tuple[str, dict]:
+    """One draw of the middle layers' widths: uniform 25%, random per layer 40%, Algorithm 1 35%."""
+    u = rng.random()
+    if u < 0.25:
+        b = rng.choice(allowed)
+        return "uniform", {m: b for m in middle}
+    if u < 0.65:
+        floor = rng.choice(allowed[:-1])
+        return "random", {m: rng.randint(floor, 8) for m in middle}
+    bitlist = sorted(rng.sample(allowed, rng.randint(2, min(4, len(allowed)))))
+    return "alg1", mixed.allocate_bits(model, bitlist, mixed.EPS2)
 
 
 def build(cfg: dict, float_model: nn.Module, calib: torch.Tensor) -> nn.Module:
@@ -128,23 +134,24 @@ def build(cfg: dict, float_model: nn.Module, calib: torch.Tensor) -> nn.Module:
                           rounding=cfg["rounding"], seed=cfg["seed"], progress=False, **cfg.get("quant", {}))
 
 
-def _model_spec(cfg: dict, float_model: nn.Module, calib: torch.Tensor) -> dict:
-    from qlib import experiments
+def model_spec(cfg: dict, float_digest: str, calib_digest: str) -> dict:
+    """What determines a configuration's quantized model: the record, the float weights and
+    the calibration images (by their :func:`qlib.cache.digest`), for its cache key."""
+    return {"version": VERSION, "config": config_key(cfg), "calib": calib_digest, "float": float_digest}
 
-    return {"version": VERSION, "config": config_key(cfg), "calib": experiments._digest(calib),
-            "float": experiments._digest(*float_model.state_dict().values())}
 
-
-def quantized(cfg: dict, float_model: nn.Module, calib: torch.Tensor) -> nn.Module:
+def quantized(cfg: dict, float_model: nn.Module, calib: torch.Tensor,
+              digests: tuple[str, str] | None = None) -> nn.Module:
     """:func:`build`, through the cache: a configuration's quantized model is saved (qlib.quant.save,
     state only) when its population is labelled, so chapter 6 loads the models instead of
-    calibrating the learned roundings again."""
-    path = cache.path_for("qmodel", _model_spec(cfg, float_model, calib))
+    calibrating the learned roundings again. ``digests``: the float model's and the
+    calibration images' digests, if the caller has them (hashing is the slow part of a hit)."""
+    fd, cd = digests or (cache.digest(*float_model.state_dict().values()), cache.digest(calib))
+    path = cache.path_for("qmodel", model_spec(cfg, fd, cd))
     if path.is_file():
         try:
             return quant.load(path, float_model)
         except ValueError as e:
-            import warnings
             warnings.warn(f"rebuilding {path}: {e}")
     q = build(cfg, float_model, calib)
     quant.save(q, path)
@@ -162,40 +169,33 @@ def weight_sqnr(qmodel: nn.Module, folded_float: nn.Module) -> list[float]:
     return out
 
 
-def probe_indices(n_test: int, P: int, seed: int = PROBE_SEED) -> torch.Tensor:
-    """The fixed probe set: P test images drawn once (seed 0)."""
-    if not 1 <= P <= n_test:
-        raise ValueError(f"probe size must be in 1..{n_test}, got {P}")
-    return torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))[:P]
+def probe_indices(n_test: int, n_probe: int, seed: int = PROBE_SEED) -> torch.Tensor:
+    """The fixed probe set: ``n_probe`` test images drawn once (seed 0)."""
+    if not 1 <= n_probe <= n_test:
+        raise ValueError(f"probe size must be in 1..{n_test}, got {n_probe}")
+    return torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))[:n_probe]
 
 
 def label(cfg: dict, float_model: nn.Module, folded: nn.Module, calib: torch.Tensor, test_set,
           probe: torch.Tensor, float_probe_preds: torch.Tensor, probe_labels: torch.Tensor,
-          ranges: dict, bins: int, stride: int) -> dict:
+          ranges: dict, bins: int, stride: int, digests: tuple[str, str] | None = None) -> dict:
     """Build one configuration and measure it: label (top-1 % on the full test set), tokens
     on the full test set (every ``stride``-th value) and on the probe images, probe top-1,
-    agreement with the float model on the probe images, per-layer weight SQNR."""
+    agreement with the float model on the probe images, per-layer weight SQNR. The model is
+    saved where :func:`quantized` finds it (``digests`` as there)."""
     t0 = time.perf_counter()
     q = build(cfg, float_model, calib)
     t1 = time.perf_counter()
-    quant.save(q, cache.path_for("qmodel", _model_spec(cfg, float_model, calib)))
+    fd, cd = digests or (cache.digest(*float_model.state_dict().values()), cache.digest(calib))
+    quant.save(q, cache.path_for("qmodel", model_spec(cfg, fd, cd)))
     images, labels = test_set.tensors
-    full = predictor.histogram_pass(q, images, bins, ranges, stride=stride, labels=labels)
-    pr = predictor.histogram_pass(q, probe, bins, ranges, labels=probe_labels)
+    full = tokens.histogram_pass(q, images, bins, ranges, stride=stride, labels=labels)
+    pr = tokens.histogram_pass(q, probe, bins, ranges, labels=probe_labels)
     return {"config": cfg, "acc": full["acc"], "tokens_full": full["tokens"], "tokens_probe": pr["tokens"],
             "correct_full": full["preds"] == labels,  # per test image: top-1 on any subset, free
             "probe_acc": pr["acc"], "probe_agree": 100 * (pr["preds"] == float_probe_preds).float().mean().item(),
             "sqnr": weight_sqnr(q, folded), "quant_seconds": t1 - t0,
             "seconds": time.perf_counter() - t0}
-
-
-def _learned_kwargs(S, arch: str) -> dict[str, dict]:
-    from qlib import experiments
-
-    q = S.quant
-    return {r: {"iters": q.iters, "batch_size": q.batch_size, "act_lr": q.act_lr,
-                "lr": experiments.tuned(S, arch, r, progress=False).get("lr", q.lr)}
-            for r in quant.LEARNED}
 
 
 def label_all(configs: list[dict], float_model: nn.Module, folded: nn.Module, calib: torch.Tensor, test_set,
@@ -204,95 +204,21 @@ def label_all(configs: list[dict], float_model: nn.Module, folded: nn.Module, ca
     """:func:`label` for every configuration, each record saved to the cache the moment it is
     measured: a build that is interrupted (a killed process, a closed laptop) resumes from the
     configurations it finished. Returns the records, in order, and how many came from the cache."""
-    from qlib import experiments
-
-    common = {"test": experiments._digest(*test_set.tensors), "probe": experiments._digest(probe),
+    digests = (cache.digest(*float_model.state_dict().values()), cache.digest(calib))  # once, not per config
+    common = {"test": cache.digest(*test_set.tensors), "probe": cache.digest(probe),
               "bins": bins, "stride": stride, "ranges": cache.key({k: list(v) for k, v in ranges.items()})}
     records, reused = [], 0
     for cfg in tqdm(configs, desc=desc, disable=not progress):
-        path = cache.path_for("label", {**_model_spec(cfg, float_model, calib), **common})
+        path = cache.path_for("label", {**model_spec(cfg, *digests), **common})
         rec = cache.load(path)
         if rec is None:
             rec = label(cfg, float_model, folded, calib, test_set, probe, float_probe_preds, probe_labels,
-                        ranges, bins, stride)
+                        ranges, bins, stride, digests)
             cache.save(rec, path)
         else:
             reused += 1
         records.append(rec)
     return records, reused
-
-
-def population(S, arch: str, *, progress: bool = True) -> dict:
-    """The labelled population of ``arch`` for Setup ``S``'s profile, from the cache or built
-    (with a progress bar) and saved atomically. Returns ``records`` (one dict per
-    configuration, see :func:`label`), ``float`` (the float model's own measurements),
-    ``probe_idx``, ``ranges``, ``bins``, ``stride`` and ``seconds`` (labelling time)."""
-    from qlib import experiments
-
-    P = S.profile.predictor
-    model = S.float_models[arch]
-    images, labels = S.test_set.tensors
-    pidx = probe_indices(len(images), P.probe_images)
-    probe, probe_labels = images[pidx], labels[pidx]
-    learned = _learned_kwargs(S, arch)
-    configs = sensitivity_configs(arch, model) + sample_configs(
-        arch, model, P.configs, seed=P.seed, learned_share=P.learned_share, learned_kwargs=learned)
-    spec = {"version": VERSION, "arch": arch, "profile": S.profile.name,
-            "float": experiments._digest(*[p for p in model.state_dict().values()]),
-            "calib": experiments._digest(S.calib), "test": experiments._digest(images, labels),
-            "probe": pidx.tolist(), "bins": P.bins, "stride": P.full_stride,
-            "configs": cache.key({"c": [config_key(c) for c in configs]})}
-    path = cache.path_for("population", spec)
-    hit = cache.load(path)
-    if hit is not None:
-        return hit
-    start = time.perf_counter()
-    folded = fold_bn(model).eval()
-    ranges = predictor.float_ranges(model, probe)
-    fl_full = predictor.histogram_pass(folded, images, P.bins, ranges, stride=P.full_stride, labels=labels)
-    fl_probe = predictor.histogram_pass(folded, probe, P.bins, ranges, labels=probe_labels)
-    float_seconds = time.perf_counter() - start
-    records, _ = label_all(configs, model, folded, S.calib, S.test_set, probe, fl_probe["preds"], probe_labels,
-                           ranges, P.bins, P.full_stride, progress=progress, desc=f"labelling {arch}")
-    # labelling time: the float passes now plus each record's own cost, so a build that
-    # resumed after an interruption reports what the population cost, not what was left
-    seconds = float_seconds + sum(r["seconds"] for r in records)
-    pop = {"arch": arch, "records": records, "probe_idx": pidx, "ranges": {k: list(v) for k, v in ranges.items()},
-           "bins": P.bins, "stride": P.full_stride, "seconds": seconds,
-           "float": {"acc": fl_full["acc"], "probe_acc": fl_probe["acc"], "tokens_full": fl_full["tokens"],
-                     "tokens_probe": fl_probe["tokens"], "probe_preds": fl_probe["preds"]}}
-    cache.save(pop, path)
-    return pop
-
-
-def probe_counts(S, arch: str, bins: int, keep: tuple[int, ...]) -> dict:
-    """Chapter 7: every configuration of ``arch``'s population histogrammed on the probe
-    images at ``bins`` bins, keeping the raw counts after the first n probe images for each n
-    in ``keep``, so predictor.tokens_from_counts gives the tokens at any probe size in ``keep``
-    and any bin count dividing ``bins``, from one pass per model (cached models, cached result).
-    Returns ``counts`` (per record, {n: L × bins}) and ``values_per_image`` (per layer)."""
-    from qlib import experiments
-
-    pop = population(S, arch, progress=False)
-    model = S.float_models[arch]
-    spec = {"version": VERSION, "arch": arch, "bins": bins, "keep": list(keep), "probe": pop["probe_idx"].tolist(),
-            "configs": [config_key(r["config"]) for r in pop["records"]], "calib": experiments._digest(S.calib),
-            "float": experiments._digest(*model.state_dict().values())}
-    path = cache.path_for("probe_counts", spec)
-    hit = cache.load(path)
-    if hit is not None:
-        return hit
-    probe = S.test_set.tensors[0][pop["probe_idx"]]
-    ranges = {k: tuple(v) for k, v in pop["ranges"].items()}
-    counts, vpi = [], None
-    for r in tqdm(pop["records"], desc=f"probe histograms {arch}", leave=False):
-        out = predictor.histogram_pass(quantized(r["config"], model, S.calib), probe, bins, ranges,
-                                       keep_counts=tuple(keep))
-        counts.append(out["counts"])
-        vpi = out["values_per_image"]
-    res = {"counts": counts, "values_per_image": vpi}
-    cache.save(res, path)
-    return res
 
 
 def split(records: list[dict], fractions=(0.6, 0.2, 0.2), seed: int = 0) -> dict[str, list[int]]:
@@ -313,37 +239,3 @@ def split(records: list[dict], fractions=(0.6, 0.2, 0.2), seed: int = 0) -> dict
     for i, r in enumerate(records):
         out[where[config_key(r["config"])]].append(i)
     return out
-
-
-def trained_predictor(arch: str, profile: str = "quick", *, progress: bool = True) -> dict:
-    """Chapter 5's predictor (probe-image tokens, all three architectures' training configs)
-    with ``arch``'s probe images, ranges and bins: what predictor.predict needs."""
-    from qlib import experiments
-
-    S = experiments.setup(profile)
-    if arch not in S.float_models:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {list(S.float_models)}")
-    P = S.profile.predictor
-    pops = {a: population(S, a, progress=progress) for a in S.float_models}
-    sets = {s: ([], []) for s in ("train", "val")}
-    for a, pop in pops.items():
-        idx = split(pop["records"], P.split, P.seed)
-        for s in sets:
-            sets[s][0].extend(pop["records"][i]["tokens_probe"] for i in idx[s])
-            sets[s][1].extend(pop["records"][i]["acc"] for i in idx[s])
-    spec = {"version": VERSION, "profile": profile, "tokens": "probe",
-            "data": cache.key({a: [r["acc"] for r in p["records"]] for a, p in pops.items()}),
-            "settings": P.fit_kwargs()}
-    path = cache.path_for("predictor", spec)
-    hit = cache.load(path)
-    token_dim = 2 * P.bins
-    model = predictor.AccuracyPredictor(token_dim, P.d_model, P.heads, P.layers)
-    if hit is None:
-        model, hist = predictor.fit(sets["train"], sets["val"], progress=progress, **P.fit_kwargs())
-        cache.save({"state_dict": model.state_dict(), "history": hist}, path)
-    else:
-        model.load_state_dict(hit["state_dict"])
-        hist = hit["history"]
-    pop = pops[arch]
-    return {"model": model.eval(), "history": hist, "probe": S.test_set.tensors[0][pop["probe_idx"]],
-            "ranges": {k: tuple(v) for k, v in pop["ranges"].items()}, "bins": pop["bins"], "arch": arch}

@@ -82,7 +82,7 @@ class Predictor:
 
 
 @dataclass(frozen=True)
-class Generator:
+class OneImage:
     """Chapter 6: the one-image generator, stage 2 and its baselines."""
     d_model: int = 64               # encoder and decoder width
     heads: int = 4
@@ -105,11 +105,21 @@ class Generator:
 
 
 @dataclass(frozen=True)
+class AblationSetting:
+    """One setting at which chapter 7 runs the recipe's switches on every model."""
+    w_bits: int
+    a_bits: int | None               # None: float activations
+    seeds: tuple[int, ...]
+    # the switches run here, by key (qlib.ablations.SWITCHES); None: every switch
+    switches: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Ablation:
     """Chapter 7: what each choice in the recipe and in the predictor is worth."""
-    # the recipe's switches, run on every model at these (w_bits, a_bits, seeds, questions);
-    # questions None: every switch, else the names of those run at that setting
-    settings: tuple = ((3, None, (0, 1, 2), None), (4, 4, (0, 1, 2), None))
+    # the recipe's switches (qlib.ablations.SWITCHES), run on every model at these settings;
+    # a setting naming a switch that does not exist is refused by qlib.ablations.switch_jobs
+    settings: tuple[AblationSetting, ...] = (AblationSetting(3, None, (0, 1, 2)), AblationSetting(4, 4, (0, 1, 2)))
     # the cost/benefit grid: calibration images × Adam steps per unit, at W{budget_w_bits}A32, seed 0
     calib_grid: tuple[int, ...] = (32, 128, 256, 1024)
     iters_grid: tuple[int, ...] = (0, 500, 1000, 2000)
@@ -132,7 +142,6 @@ class OwnModel:
     w_bits: int = 4
     a_bits: int = 8
     bitlist: tuple[int, ...] = (3, 4, 5, 6)
-    eps2: float = 1e-3              # chapter 4's
     seed: int = 0
 
 
@@ -142,7 +151,7 @@ class Profile:
     train: Train = field(default_factory=Train)
     quant: Quant = field(default_factory=Quant)
     predictor: Predictor = field(default_factory=Predictor)
-    generator: Generator = field(default_factory=Generator)
+    one_image: OneImage = field(default_factory=OneImage)
     ablation: Ablation = field(default_factory=Ablation)
     own_model: OwnModel = field(default_factory=OwnModel)
     test_subset: int | None = None  # None: the full 10k test set
@@ -171,14 +180,14 @@ PROFILES: dict[str, Profile] = {
         predictor=Predictor(configs=30, learned_share=0.1),
         # a stage-2 step runs 8 quantized models on one image with gradients (~0.3 s on two
         # cores): 100 steps and two learning rates per method fit chapter 6's share
-        generator=Generator(steps=100, batch=8, eval_every=10, patience=5, lr_grid_generator=(1e-3, 3e-3),
-                            lr_grid_image=(0.02, 0.05), real_draws=50, k_draws=50),
+        one_image=OneImage(steps=100, batch=8, eval_every=10, patience=5, lr_grid_generator=(1e-3, 3e-3),
+                           lr_grid_image=(0.02, 0.05), real_draws=50, k_draws=50),
         # a W3A32 run costs ~4 s and a W4A4 run ~6.5 s on two cores (quantize + 10k test
         # images): every switch at W3A32 with two seeds (weight rounding decides there); at
         # W4A4 one seed and only the switches that touch activations or the reconstruction
         # unit; the cost/benefit grid up to this profile's 100 steps
-        ablation=Ablation(settings=((3, None, (0, 1), None),
-                                    (4, 4, (0,), ("block", "first_last", "act_fixed"))),
+        ablation=Ablation(settings=(AblationSetting(3, None, (0, 1)),
+                                    AblationSetting(4, 4, (0,), ("block", "first_last", "act_fixed"))),
                           iters_grid=(0, 25, 100), fit_seeds=(0, 1)),
         # one resnet18 step on 8 images at 224×224 costs ~0.85 s on two cores: 20 steps per
         # unit, lr raised so that lr·iters stays the paper's (as in `quant` above)

@@ -35,7 +35,7 @@ from qlib.recon import reconstruct
 from qlib.rounding import (ROUNDINGS, adaround_init, attention_round, check_bits, grid,
                            rectified_sigmoid, round_fixed, search_act_scale, search_weight_scale,
                            ste_round)
-from qlib.rounding import AttentionRound, attention_probabilities, backward_factor  # noqa: F401 (API)
+from qlib.rounding import AttentionRound  # noqa: F401 (public name: qlib.quant.AttentionRound, eq. 3 / eq. 6)
 
 FIXED = ("nearest", "floor", "ceil", "stochastic")  # no calibration
 LEARNED = ("adaround", "attention")                  # block reconstruction
@@ -46,6 +46,13 @@ LEARNED = ("adaround", "attention")                  # block reconstruction
 VARIANT = {"weight_steps": "mse", "per_channel": True, "alpha_init": "gaussian", "backward": "eq6",
            "learn_act_steps": True}
 FORMAT = "qlib.quant/1"
+
+
+def setting_name(w_bits, a_bits: int | None = None) -> str:
+    """The book's label for a setting: "W4A4", "W3A32" for float activations, "WmixedA8"
+    for a per-layer bit dict."""
+    w = w_bits if isinstance(w_bits, int) else "mixed"
+    return f"W{w}A{a_bits or 32}"
 
 
 def int_dtype(bits: int) -> torch.dtype:

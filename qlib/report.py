@@ -1,10 +1,16 @@
-"""The book's one rule for calling a difference between two methods real, and the error
-metrics (with bootstrap intervals) that chapter 5 judges accuracy predictors by."""
+"""The book's rules for calling a difference real — between two PTQ methods over seeds
+(:func:`verdict`), between two accuracy predictors on the same configurations
+(:func:`mae_verdict`) — and the error metrics, with bootstrap intervals, that chapters 5–7
+judge predictors by."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+#: "near float": a quantized model within this many top-1 points of its float model, where
+#: deployment decisions are made (the population's dense band, chapters 5–6's per-band errors)
+BAND_POINTS = 10.0
 
 
 def difference_is_real(mean_a: float, std_a: float, mean_b: float, std_b: float, n: int,
@@ -81,3 +87,37 @@ def mae_difference(y_true, pred_a, pred_b, *, n_boot: int = 2000, seed: int = 0,
     boots = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
     q = (1 - level) / 2
     return float(d.mean()), float(np.quantile(boots, q)), float(np.quantile(boots, 1 - q))
+
+
+def mae_verdict(y_true, pred_a, pred_b, *, margin: float = 0.0, n_boot: int = 2000,
+                seed: int = 0) -> dict:
+    """Predictor ``a`` against ``b`` on the same items by :func:`mae_difference`: "better"
+    when the interval of MAE(a) − MAE(b) lies below 0 and the difference exceeds ``margin``
+    (e.g. the predictor's own seed-to-seed spread), "worse" when it lies above 0 and exceeds
+    ``margin``, else "not distinguishable". Returns {"diff", "low", "high", "verdict"}."""
+    d, lo, hi = mae_difference(y_true, pred_a, pred_b, n_boot=n_boot, seed=seed)
+    if lo > 0 and d > margin:
+        word = "worse"
+    elif hi < 0 and -d > margin:
+        word = "better"
+    else:
+        word = "not distinguishable"
+    return {"diff": d, "low": lo, "high": hi, "verdict": word}
+
+
+def versus(verdict: str) -> str:
+    """The verdict word as a phrase before the other predictor's name: "better than",
+    "worse than", "not distinguishable from"."""
+    return {"better": "better than", "worse": "worse than",
+            "not distinguishable": "not distinguishable from"}[verdict]
+
+
+def interval(value: float, low: float, high: float, digits: int = 2, signed: bool = False) -> str:
+    """ "1.23 [0.98, 1.51]" (``signed``: "+1.23 [+0.98, +1.51]")."""
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    return f"{f.format(value)} [{f.format(low)}, {f.format(high)}]"
+
+
+def near_float(float_acc, acc) -> np.ndarray:
+    """Which models lie within :data:`BAND_POINTS` of their float model (drop ≤ the band)."""
+    return (np.asarray(float_acc, dtype=float) - np.asarray(acc, dtype=float)) <= BAND_POINTS

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qlib import checks
+from qlib import checks, mixed
 from qlib.rounding import attention_probabilities, backward_factor, grid
 
 
@@ -81,8 +81,6 @@ def bit_picker_data(model, bitlist, eps2: float) -> dict:
     """What the bit-list picker shows: every layer's coding length (eq. 12), Algorithm 1's
     allocation for ``bitlist`` and ``eps2``, the model size (Table 4's count, MB) and, for
     comparison, the size of each single-precision model with a width from the list."""
-    from qlib import mixed
-
     widths = mixed.normalize_bitlist(bitlist)
     bits = mixed.allocate_bits(model, widths, eps2)
     return {"lengths": mixed.layer_coding_lengths(model, eps2), "bits": bits,
@@ -118,15 +116,16 @@ def plot_bit_allocation(d: dict, ax=None, first_last_bits: int = 8, title: str |
     return ax
 
 
-def bit_picker(model, bitlist=(3, 4, 5, 6), eps2: float = 1e-3):
-    """Toggle buttons for the candidate widths 2..8 and an ε² slider, driving the per-layer
-    allocation plot and the model size against single precision."""
+def bit_picker(model, bitlist=(3, 4, 5, 6), eps2: float | None = None):
+    """Toggle buttons for the candidate widths 2..8 and an ε² slider (default
+    :data:`qlib.mixed.EPS2`), driving the per-layer allocation plot and the model size
+    against single precision."""
     import ipywidgets as W
     import matplotlib.pyplot as plt
 
     toggles = {b: W.ToggleButton(value=b in bitlist, description=str(b), layout=W.Layout(width="42px"))
                for b in range(2, 9)}
-    e_s = W.FloatLogSlider(value=eps2, base=10, min=-5, max=1, step=0.25, description="ε²")
+    e_s = W.FloatLogSlider(value=mixed.EPS2 if eps2 is None else eps2, base=10, min=-5, max=1, step=0.25, description="ε²")
     out = W.Output()
 
     def redraw(*_):

@@ -85,12 +85,12 @@ def test_chapter3_glues_learning_rates_selected_on_validation():
     """Each learned method's rate per model is glued, and is a point of the profile's grid."""
     import math
 
-    from qlib import experiments, models, profiles
+    from qlib import models, profiles, quant
 
     v = _values("03_attention_round_ptq")
     grid = profiles.get("quick").quant.lr_grid
     for arch in models.ARCHS:
-        for m in experiments.TUNED_METHODS:
+        for m in quant.LEARNED:
             lr = float(v[f"lr_{arch}_{m}"])
             assert any(math.isclose(lr, g) for g in grid), f"{arch} {m}: lr {lr} is not on the grid {grid}"
     assert v["tune_setting"] == "'W2A32'" and int(v["n_val"]) == 5000

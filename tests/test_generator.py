@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from qlib import generator, models, predictor, quant
+from qlib import generator, models, predictor, quant, tokens
 from qlib.graph import fold_bn
 
 
 def test_soft_histogram_tends_to_the_hard_one():
     torch.manual_seed(0)
     v = torch.cat([torch.randn(20000) * 1.5, torch.tensor([-9.0, 9.0, 4.0])])
-    hard = predictor.histogram_counts(v, 16, -3.0, 3.0)
+    hard = tokens.histogram_counts(v, 16, -3.0, 3.0)
     gaps = []
     for s in (1.0, 0.3, 0.1, 0.01, 1e-6):
         soft = generator.soft_histogram_counts(v, 16, -3.0, 3.0, s)
@@ -38,7 +38,7 @@ def small():
     torch.manual_seed(0)
     m = models.build("resnet").eval()
     calib = torch.randn(32, 1, 28, 28)
-    ranges = predictor.float_ranges(m, calib)
+    ranges = tokens.float_ranges(m, calib)
     qs = [quant.quantize(m, calib, w_bits=b, a_bits=a, rounding="nearest", progress=False)
           for b, a in ((8, None), (4, None), (3, 8), (2, None), (2, 4), (5, 6))]
     return m, calib, ranges, qs
@@ -48,7 +48,7 @@ def test_image_tokens_equal_the_hard_histograms_and_reach_the_pixels(small):
     m, calib, ranges, qs = small
     img = calib[:1].clone().requires_grad_(True)
     tok = generator.image_tokens(qs[1], img, 8, ranges)
-    assert torch.allclose(tok, predictor.layer_histograms(qs[1], calib[:1], 8, ranges), atol=1e-6), \
+    assert torch.allclose(tok, tokens.layer_histograms(qs[1], calib[:1], 8, ranges), atol=1e-6), \
         "straight-through: the forward value is the use-time token"
     (tok * torch.linspace(0, 1, 16)).sum().backward()
     assert img.grad is not None and img.grad.abs().sum() > 0
@@ -57,7 +57,7 @@ def test_image_tokens_equal_the_hard_histograms_and_reach_the_pixels(small):
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
 def test_generator_output_shape_and_range(shape):
     lo, hi = torch.full((shape[0],), -0.8), torch.linspace(1.0, 2.0, shape[0])
-    G = generator.Generator(16, shape, (lo, hi), d_model=32, heads=2)
+    G = generator.ImageGenerator(16, shape, (lo, hi), d_model=32, heads=2)
     x = G(torch.rand(7, 16))
     assert x.shape == (1, *shape)
     assert (x >= lo.view(1, -1, 1, 1)).all() and (x <= hi.view(1, -1, 1, 1)).all()
@@ -121,9 +121,9 @@ def test_bad_inputs_raise_clear_errors(small):
     with pytest.raises(ValueError, match="channels"):
         generator.image_tokens(qs[0], torch.randn(1, 3, 28, 28), 8, ranges)
     with pytest.raises(ValueError, match="patch"):
-        generator.Generator(16, (1, 30, 30), (-1.0, 1.0), patch=4)
+        generator.ImageGenerator(16, (1, 30, 30), (-1.0, 1.0), patch=4)
     with pytest.raises(ValueError, match="hi > lo"):
-        generator.Generator(16, (1, 28, 28), (1.0, -1.0))
+        generator.ImageGenerator(16, (1, 28, 28), (1.0, -1.0))
     with pytest.raises(ValueError, match="BatchNorm"):
         generator.bn_statistics_image(fold_bn(m), (1, 28, 28), steps=1)
 

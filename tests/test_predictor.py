@@ -3,29 +3,29 @@ import numpy as np
 import pytest
 import torch
 
-from qlib import baselines, models, population, predictor, report
+from qlib import baselines, models, population, predictor, report, tokens
 
 
 # --- tokens --------------------------------------------------------------------------------
 
 def test_count_and_rate_branches():
     v = torch.tensor([-5.0, -1.0, -0.99, 0.0, 0.2, 0.99, 1.0, 7.0, 3.0])
-    c = predictor.histogram_counts(v, 4, -1.0, 1.0)
+    c = tokens.histogram_counts(v, 4, -1.0, 1.0)
     assert c.sum() == v.numel(), "every value is counted, outliers included"
     assert c[0] == 3 and c[-1] == 4, "values beyond the range go to the end bins"
-    tok = predictor.token_from_counts(c, n_images=3, values_per_image=3)
+    tok = tokens.token_from_counts(c, n_images=3, values_per_image=3)
     count, rate = tok[:4], tok[4:]
     assert torch.isclose(rate.sum(), torch.tensor(1.0))
     assert torch.allclose(rate, c / v.numel())
     # a bin holding all of every image's values reads 1 on the count branch; empty bins 0
-    full = predictor.token_from_counts(torch.tensor([0.0, 30.0]), n_images=10, values_per_image=3)
+    full = tokens.token_from_counts(torch.tensor([0.0, 30.0]), n_images=10, values_per_image=3)
     assert torch.allclose(full[:2], torch.tensor([0.0, 1.0]))
 
 
 def test_count_branch_does_not_depend_on_the_number_of_images():
     """The same per-image distribution over 1 image or 50 gives the same token."""
     c1 = torch.tensor([2.0, 5.0, 1.0])
-    assert torch.allclose(predictor.token_from_counts(c1, 1, 8), predictor.token_from_counts(50 * c1, 50, 8))
+    assert torch.allclose(tokens.token_from_counts(c1, 1, 8), tokens.token_from_counts(50 * c1, 50, 8))
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def test_layer_histograms_shape_and_float_fills_its_range(tiny):
     from qlib.graph import fold_bn, quantizable_layers
 
     m, images = tiny
-    ranges = predictor.float_ranges(m, images)
-    tok = predictor.layer_histograms(fold_bn(m), images, 8, ranges)
+    ranges = tokens.float_ranges(m, images)
+    tok = tokens.layer_histograms(fold_bn(m), images, 8, ranges)
     assert tok.shape == (len(quantizable_layers(fold_bn(m))), 16)
     assert torch.allclose(tok[:, 8:].sum(1), torch.ones(len(tok)), atol=1e-5)
     assert (tok[:, 8] > 0).all() and (tok[:, 15] > 0).all(), "the float min and max fall in the end bins"
@@ -51,24 +51,24 @@ def test_strided_histograms_estimate_the_full_ones(tiny):
     from qlib.graph import fold_bn
 
     m, images = tiny
-    ranges = predictor.float_ranges(m, images)
-    full = predictor.histogram_pass(fold_bn(m), images, 8, ranges)["tokens"]
-    strided = predictor.histogram_pass(fold_bn(m), images, 8, ranges, stride=31)["tokens"]
+    ranges = tokens.float_ranges(m, images)
+    full = tokens.histogram_pass(fold_bn(m), images, 8, ranges)["tokens"]
+    strided = tokens.histogram_pass(fold_bn(m), images, 8, ranges, stride=31)["tokens"]
     # every layer but the logits (40 × 10 values, too few to subsample) within 2 points of rate
     assert (full[:-1, 8:] - strided[:-1, 8:]).abs().max() < 0.02
 
 
 def test_bad_inputs_raise_clear_errors(tiny):
     m, images = tiny
-    ranges = predictor.float_ranges(m, images)
+    ranges = tokens.float_ranges(m, images)
     with pytest.raises(ValueError, match="N × C × H × W"):
-        predictor.layer_histograms(m, images[0], 8, ranges)
+        tokens.layer_histograms(m, images[0], 8, ranges)
     with pytest.raises(ValueError, match="channels"):
-        predictor.layer_histograms(m, torch.randn(2, 3, 28, 28), 8, ranges)
+        tokens.layer_histograms(m, torch.randn(2, 3, 28, 28), 8, ranges)
     with pytest.raises(ValueError, match="bins"):
-        predictor.layer_histograms(m, images, 1, ranges)
+        tokens.layer_histograms(m, images, 1, ranges)
     with pytest.raises(ValueError, match="ranges lacks"):
-        predictor.layer_histograms(m, images, 8, {})
+        tokens.layer_histograms(m, images, 8, {})
     with pytest.raises(ValueError, match="empty"):
         population.split([])
     with pytest.raises(ValueError, match="no token sequences"):
@@ -220,14 +220,14 @@ def test_kept_counts_give_the_tokens_of_fewer_images_and_bins(tiny):
 
     m, images = tiny
     fm = fold_bn(m)
-    ranges = predictor.float_ranges(m, images)
-    out = predictor.histogram_pass(fm, images, 16, ranges, batch_size=15, keep_counts=(7, 40))
-    assert torch.allclose(predictor.tokens_from_counts(out["counts"][40], 40, out["values_per_image"]),
+    ranges = tokens.float_ranges(m, images)
+    out = tokens.histogram_pass(fm, images, 16, ranges, batch_size=15, keep_counts=(7, 40))
+    assert torch.allclose(tokens.tokens_from_counts(out["counts"][40], 40, out["values_per_image"]),
                           out["tokens"], atol=1e-6)
-    fresh = predictor.histogram_pass(fm, images[:7], 8, ranges)["tokens"]
-    merged = predictor.tokens_from_counts(out["counts"][7], 7, out["values_per_image"], merge=2)
+    fresh = tokens.histogram_pass(fm, images[:7], 8, ranges)["tokens"]
+    merged = tokens.tokens_from_counts(out["counts"][7], 7, out["values_per_image"], merge=2)
     assert torch.allclose(merged, fresh, atol=1e-5)
     with pytest.raises(ValueError, match="keep_counts"):
-        predictor.histogram_pass(fm, images, 16, ranges, keep_counts=(41,))
+        tokens.histogram_pass(fm, images, 16, ranges, keep_counts=(41,))
     with pytest.raises(ValueError, match="merge"):
-        predictor.tokens_from_counts(out["counts"][7], 7, out["values_per_image"], merge=3)
+        tokens.tokens_from_counts(out["counts"][7], 7, out["values_per_image"], merge=3)

@@ -28,7 +28,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qlib import book, cache, data, mixed, models, population, predictor, quant, rounding, widgets
+from qlib import book, cache, data, mixed, models, population, quant, rounding, tokens, widgets
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -121,10 +121,10 @@ BAD_INPUTS = {
     "unknown dataset": (lambda: data.load("imagenet", "train"), r"imagenet"),
     "unknown split": (lambda: data.load("fashion-mnist", "validation"), r"validation"),
     "unknown architecture": (lambda: models.build("resnet152"), r"resnet152"),
-    "histogram with 0 bins": (lambda: predictor.histogram_counts(torch.ones(5), 0, 0.0, 1.0), r"bins"),
-    "NaN probe images": (lambda: predictor.float_ranges(_vgg(), _nan_calib()), r"images has NaN or infinite values"),
-    "RGB probe images": (lambda: predictor.float_ranges(_vgg(), _calib(c=3)), r"images have 3 channels; the model's first layer takes 1"),
-    "infinite histogram range": (lambda: predictor.histogram_counts(torch.ones(5), 8, 0.0, float("inf")), r"must be finite with hi > lo"),
+    "histogram with 0 bins": (lambda: tokens.histogram_counts(torch.ones(5), 0, 0.0, 1.0), r"bins"),
+    "NaN probe images": (lambda: tokens.float_ranges(_vgg(), _nan_calib()), r"images has NaN or infinite values"),
+    "RGB probe images": (lambda: tokens.float_ranges(_vgg(), _calib(c=3)), r"images have 3 channels; the model's first layer takes 1"),
+    "infinite histogram range": (lambda: tokens.histogram_counts(torch.ones(5), 8, 0.0, float("inf")), r"must be finite with hi > lo"),
     "probe of 0 images": (lambda: population.probe_indices(100, 0), r"probe size must be in 1..100"),
 }
 
@@ -213,15 +213,15 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120.0, jitter: fl
 POPULATION = """
     import json, time, torch
     from torch.utils.data import TensorDataset
-    from qlib import graph, models, population, predictor
+    from qlib import graph, models, population, tokens
     torch.manual_seed(0)
     model = models.build("vgg").eval()
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
     probe, probe_labels = images[:16], labels[:16]
     folded = graph.fold_bn(model).eval()
-    ranges = predictor.float_ranges(model, probe)
-    fl = predictor.histogram_pass(folded, probe, 8, ranges, labels=probe_labels)
+    ranges = tokens.float_ranges(model, probe)
+    fl = tokens.histogram_pass(folded, probe, 8, ranges, labels=probe_labels)
     configs = population.sensitivity_configs("vgg", model)
     label = population.label
     def slow_label(*a, **k):   # labelling a real configuration takes seconds: leave time to kill
@@ -311,7 +311,8 @@ def test_corrupt_cache_file_is_reported_removed_and_rebuilt(tmp_cache):
     model, calib = _vgg(), _calib(16)
     cfg = population.sensitivity_configs("vgg", model)[0]
     first = population.quantized(cfg, model, calib)          # built and cached
-    path = cache.path_for("qmodel", population._model_spec(cfg, model, calib))
+    digests = (cache.digest(*model.state_dict().values()), cache.digest(calib))
+    path = cache.path_for("qmodel", population.model_spec(cfg, *digests))
     path.write_bytes(path.read_bytes()[:100])                 # truncated, as by a full disk
     with pytest.warns(UserWarning, match="rebuilding"):
         again = population.quantized(cfg, model, calib)

@@ -1,0 +1,244 @@
+"""Chapters 5–7's harness, as :mod:`qlib.experiments` is chapter 3's: everything that needs a
+profile's :class:`~qlib.experiments.Setup` — its labelled populations and their split, the
+probe-set counts chapter 7 re-bins, predictors trained on the pooled architectures, and
+chapter 5's trained predictor — built from :mod:`qlib.population`, :mod:`qlib.tokens` and
+:mod:`qlib.predictor`, and cached::
+
+    S = experiments.setup("quick")
+    pops = study.populations(S)                      # every architecture, labelled and split
+    model, hist = study.fit_pooled(pops)             # the encoder on the pooled training configs
+    trained = study.trained_predictor("resnet")      # chapter 5's, with its probe set and ranges
+    predictor.predict(trained, qmodel)               # predicted top-1 of any quantized ResNet
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from qlib import baselines, cache, experiments, population, predictor, quant, tokens
+from qlib.experiments import Setup
+from qlib.graph import fold_bn
+
+PARTS = ("train", "val", "test")
+
+
+def learned_kwargs(S: Setup, arch: str) -> dict[str, dict]:
+    """Each learned rounding's calibration settings for ``arch``: the profile's, with the
+    learning rate chapter 3 selected on validation."""
+    q = S.quant
+    return {r: {"iters": q.iters, "batch_size": q.batch_size, "act_lr": q.act_lr,
+                "lr": experiments.tuned(S, arch, r, progress=False).get("lr", q.lr)}
+            for r in quant.LEARNED}
+
+
+def configs(S: Setup, arch: str) -> list[dict]:
+    """The population's configurations: one sensitivity probe per middle layer, then the
+    profile's sampled configurations."""
+    ps, model = S.profile.predictor, S.float_models[arch]
+    return population.sensitivity_configs(arch, model) + population.sample_configs(
+        arch, model, ps.configs, seed=ps.seed, learned_share=ps.learned_share,
+        learned_kwargs=learned_kwargs(S, arch))
+
+
+def population_of(S: Setup, arch: str, *, progress: bool = True) -> dict:
+    """The labelled population of ``arch`` for ``S``'s profile, from the cache or built (with
+    a progress bar) and saved atomically. Returns ``records`` (one dict per configuration,
+    see :func:`qlib.population.label`), ``float`` (the float model's own measurements),
+    ``probe_idx``, ``ranges``, ``bins``, ``stride`` and ``seconds`` (labelling time)."""
+    ps = S.profile.predictor
+    images, labels = S.test_set.tensors
+    pidx = population.probe_indices(len(images), ps.probe_images)
+    cfgs = configs(S, arch)
+    spec = {"version": population.VERSION, "arch": arch, "profile": S.profile.name,
+            "float": S.digest(f"model:{arch}"), "calib": S.digest("calib"), "test": S.digest("test"),
+            "probe": pidx.tolist(), "bins": ps.bins, "stride": ps.full_stride,
+            "configs": cache.key({"c": [population.config_key(c) for c in cfgs]})}
+    path = cache.path_for("population", spec)
+    hit = cache.load(path)
+    if hit is not None:
+        return hit
+    pop = _label_population(S, arch, cfgs, pidx, progress)
+    cache.save(pop, path)
+    return pop
+
+
+def _label_population(S: Setup, arch: str, cfgs: list[dict], pidx: torch.Tensor, progress: bool) -> dict:
+    ps, model = S.profile.predictor, S.float_models[arch]
+    images, labels = S.test_set.tensors
+    probe, probe_labels = images[pidx], labels[pidx]
+    start = time.perf_counter()
+    folded = fold_bn(model).eval()
+    ranges = tokens.float_ranges(model, probe)
+    fl_full = tokens.histogram_pass(folded, images, ps.bins, ranges, stride=ps.full_stride, labels=labels)
+    fl_probe = tokens.histogram_pass(folded, probe, ps.bins, ranges, labels=probe_labels)
+    float_seconds = time.perf_counter() - start
+    records, _ = population.label_all(cfgs, model, folded, S.calib, S.test_set, probe, fl_probe["preds"],
+                                      probe_labels, ranges, ps.bins, ps.full_stride, progress=progress,
+                                      desc=f"labelling {arch}")
+    # labelling time: the float passes now plus each record's own cost, so a build that
+    # resumed after an interruption reports what the population cost, not what was left
+    seconds = float_seconds + sum(r["seconds"] for r in records)
+    return {"arch": arch, "records": records, "probe_idx": pidx, "ranges": {k: list(v) for k, v in ranges.items()},
+            "bins": ps.bins, "stride": ps.full_stride, "seconds": seconds,
+            "float": {"acc": fl_full["acc"], "probe_acc": fl_probe["acc"], "tokens_full": fl_full["tokens"],
+                      "tokens_probe": fl_probe["tokens"], "probe_preds": fl_probe["preds"]}}
+
+
+@dataclass
+class Populations:
+    """Every architecture's labelled population for one Setup, split by configuration
+    (:func:`qlib.population.split`, the profile's fractions and seed)."""
+    S: Setup
+    pops: dict[str, dict]                      # arch → population_of(S, arch)
+    index: dict[str, dict[str, list[int]]]     # arch → "train" | "val" | "test" → record indices
+
+    @property
+    def archs(self) -> list[str]:
+        return list(self.pops)
+
+    def records(self, arch: str, part: str | None = None) -> list[dict]:
+        """``arch``'s records in ``part`` (in the split's order), or all of them."""
+        recs = self.pops[arch]["records"]
+        return recs if part is None else [recs[i] for i in self.index[arch][part]]
+
+    def float_ref(self, arch: str) -> dict:
+        """The float model's measurements (``acc`` on the test set, ``probe_acc``, tokens)."""
+        return self.pops[arch]["float"]
+
+    def labels(self, part: str, archs=None) -> np.ndarray:
+        """Top-1 (%) of ``part``'s records, pooled over ``archs`` (default: all) in order."""
+        return np.concatenate([baselines.labels(self.records(a, part)) for a in (archs or self.archs)])
+
+    def arch_of(self, part: str) -> np.ndarray:
+        """The architecture of each pooled record of ``part``, aligned with :meth:`labels`."""
+        return np.array([a for a in self.archs for _ in self.index[a][part]])
+
+
+def populations(S: Setup, *, progress: bool = True) -> Populations:
+    """:func:`population_of` for every float model of ``S``, split by configuration."""
+    ps = S.profile.predictor
+    pops = {a: population_of(S, a, progress=progress) for a in S.float_models}
+    return Populations(S, pops, {a: population.split(p["records"], ps.split, ps.seed) for a, p in pops.items()})
+
+
+def quantized(S: Setup, arch: str, record: dict) -> nn.Module:
+    """A record's quantized model, loaded from where labelling saved it (built if missing)."""
+    return population.quantized(record["config"], S.float_models[arch], S.calib,
+                                digests=(S.digest(f"model:{arch}"), S.digest("calib")))
+
+
+def fit_pooled(pops: Populations, *, source: str | Callable[[str, int], torch.Tensor] = "tokens_probe",
+               archs=None, train_index: dict[str, list[int]] | None = None, desc: str = "predictor",
+               progress: bool = True, **overrides) -> tuple[predictor.AccuracyPredictor, dict]:
+    """Chapter 5's encoder training on the pooled training configurations of ``archs``
+    (default: all), early-stopped on their validation configurations, with the profile's
+    settings and ``overrides`` (e.g. ``seed=1``, ``position_encoding=False``). ``source``:
+    the record key of the tokens, or ``source(arch, record_index)`` for tokens made
+    otherwise (chapter 7);
+    ``train_index``: per architecture, the training records to use (default: all)."""
+    get = _token_getter(pops, source)
+    archs = list(archs or pops.archs)
+
+    def xy(pick):
+        idx = [(a, i) for a in archs for i in pick(a)]
+        return [get(a, i) for a, i in idx], [pops.pops[a]["records"][i]["acc"] for a, i in idx]
+
+    train = xy(lambda a: (train_index or {}).get(a, pops.index[a]["train"]))
+    val = xy(lambda a: pops.index[a]["val"])
+    return predictor.fit(train, val, progress=progress,
+                         **pops.S.profile.predictor.fit_kwargs(desc=desc, **overrides))
+
+
+def _token_getter(pops: Populations, source) -> Callable[[str, int], torch.Tensor]:
+    if isinstance(source, str):
+        return lambda a, i: pops.pops[a]["records"][i][source]
+    return source
+
+
+def predict_part(model: predictor.AccuracyPredictor, pops: Populations, part: str = "test", *,
+                 source: str | Callable[[str, int], torch.Tensor] = "tokens_probe", archs=None) -> np.ndarray:
+    """``model``'s predictions for ``part``'s records (tokens from ``source``, as in
+    :func:`fit_pooled`), pooled in :meth:`Populations.labels` order."""
+    get = _token_getter(pops, source)
+    return predictor.predict_tokens(model, [get(a, i) for a in (archs or pops.archs) for i in pops.index[a][part]])
+
+
+def train_subset(pops: Populations, arch: str, share: float) -> list[int]:
+    """The first ``share`` of a fixed shuffle of ``arch``'s training records (at least two):
+    nested across shares, so a learning curve adds configurations rather than redraws them."""
+    tr = pops.index[arch]["train"]
+    order = np.random.default_rng(0).permutation(len(tr))
+    return [tr[k] for k in order[: max(2, round(share * len(tr)))]]
+
+
+def cheap_predictions(pops: Populations, arch: str, part: str = "test") -> dict[str, np.ndarray]:
+    """The estimates an accuracy predictor must beat (:mod:`qlib.baselines`) for ``arch``'s
+    ``part`` records, each fitted on the training records and tuned on the validation ones."""
+    tr, va, te = (pops.records(arch, p) for p in ("train", "val", part))
+    ps = pops.S.profile.predictor
+    return {"training mean": baselines.train_mean(tr, te),
+            "probe top-1": baselines.probe_top1(te),
+            "paired probe": baselines.paired(te, pops.float_ref(arch)),
+            "ridge: agreement + bits": baselines.ridge(tr, va, te, "agree")[0],
+            "ridge: weights only": baselines.ridge(tr, va, te, "weights")[0],
+            "MLP on tokens": baselines.mlp(tr, va, te, seed=ps.seed)[0]}
+
+
+def probe_counts(S: Setup, arch: str, bins: int, keep: tuple[int, ...]) -> dict:
+    """Chapter 7: every configuration of ``arch``'s population histogrammed on the probe
+    images at ``bins`` bins, keeping the raw counts after the first n probe images for each n
+    in ``keep``, so :func:`qlib.tokens.tokens_from_counts` gives the tokens at any probe size
+    in ``keep`` and any bin count dividing ``bins``, from one pass per model (cached models,
+    cached result). Returns ``counts`` (per record, {n: L × bins}) and ``values_per_image``."""
+    pop = population_of(S, arch, progress=False)
+    spec = {"version": population.VERSION, "arch": arch, "bins": bins, "keep": list(keep),
+            "probe": pop["probe_idx"].tolist(), "configs": [population.config_key(r["config"]) for r in pop["records"]],
+            "calib": S.digest("calib"), "float": S.digest(f"model:{arch}")}
+    path = cache.path_for("probe_counts", spec)
+    hit = cache.load(path)
+    if hit is not None:
+        return hit
+    probe = S.test_set.tensors[0][pop["probe_idx"]]
+    ranges = {k: tuple(v) for k, v in pop["ranges"].items()}
+    counts, vpi = [], None
+    for r in tqdm(pop["records"], desc=f"probe histograms {arch}", leave=False):
+        out = tokens.histogram_pass(quantized(S, arch, r), probe, bins, ranges, keep_counts=tuple(keep))
+        counts.append(out["counts"])
+        vpi = out["values_per_image"]
+    res = {"counts": counts, "values_per_image": vpi}
+    cache.save(res, path)
+    return res
+
+
+def trained_predictor(arch: str, profile: str = "quick", *, progress: bool = True) -> dict:
+    """Chapter 5's predictor for ``arch`` with everything :func:`qlib.predictor.predict` needs:
+    ``model`` (one AccuracyPredictor, probe-image tokens, trained on all three architectures'
+    training configurations), ``history``, ``probe`` (the probe images), ``ranges``, ``bins``.
+    Built (populations labelled, predictor trained) if not cached."""
+    S = experiments.setup(profile)
+    if arch not in S.float_models:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {list(S.float_models)}")
+    ps = S.profile.predictor
+    pops = populations(S, progress=progress)
+    spec = {"version": population.VERSION, "profile": profile, "tokens": "probe",
+            "data": cache.key({a: [r["acc"] for r in p["records"]] for a, p in pops.pops.items()}),
+            "settings": ps.fit_kwargs()}
+    path = cache.path_for("predictor", spec)
+    hit = cache.load(path)
+    model = predictor.AccuracyPredictor(2 * ps.bins, ps.d_model, ps.heads, ps.layers)
+    if hit is None:
+        model, hist = fit_pooled(pops, progress=progress)
+        cache.save({"state_dict": model.state_dict(), "history": hist}, path)
+    else:
+        model.load_state_dict(hit["state_dict"])
+        hist = hit["history"]
+    pop = pops.pops[arch]
+    return {"model": model.eval(), "history": hist, "probe": S.test_set.tensors[0][pop["probe_idx"]],
+            "ranges": {k: tuple(v) for k, v in pop["ranges"].items()}, "bins": pop["bins"], "arch": arch}
+
