@@ -37,6 +37,7 @@ class Switch:
     kwargs: Callable[[int], dict]
 
 
+#: The recipe's switches by key, in the order the chapter's tables and figures list them.
 SWITCHES: dict[str, Switch] = {s.key: s for s in (
     Switch("block", "layer by layer", "Reconstruct a residual block as one unit, or layer by layer?",
            lambda w: {"blocks": ()}),
@@ -55,6 +56,7 @@ SWITCHES: dict[str, Switch] = {s.key: s for s in (
     Switch("act_fixed", "activation steps fixed", "Learn the activation steps, or keep their MSE init?",
            lambda w: {"variant": {"learn_act_steps": False}}),
 )}
+#: The same switches by their row label.
 BY_NAME = {s.name: s for s in SWITCHES.values()}
 
 

@@ -1,8 +1,8 @@
-"""Forward hooks that live exactly as long as a ``with`` block::
+"""Forward hooks that live exactly as long as a ``with`` block, removed however it ends
+(also when the forward raises)::
 
     with hooks.forward_hooks([(layer, fn) for layer in layers]):
-        model(x)                      # every fn(module, inputs, output) fires here
-    # removed, also when the forward raised
+        model(x)        # every fn(module, inputs, output) fires here
 """
 from __future__ import annotations
 
