@@ -27,8 +27,32 @@ def notebooks() -> list[Path]:
     return sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def execute_one(nb: Path, profile: str = "quick", out_dir: Path = EXECUTED) -> Path:
-    """Run one chapter top to bottom with ``profile`` injected into its parameters cell."""
+def execute_one(nb: Path, profile: str = "quick", out_dir: Path = EXECUTED, *,
+                cell_timeout: float | None = None, attempts: int = 2) -> Path:
+    """Run one chapter top to bottom with ``profile`` injected into its parameters cell.
+
+    A cell that runs past ``cell_timeout`` seconds (default: the profile's) or a kernel
+    that dies counts as a hung run, and the chapter is run again from the top, up to
+    ``attempts`` runs in all (its costly steps are cached, so a rerun mostly reads them):
+    a kernel and papermill that both wait for a message the other will never send have
+    been seen here once, in a widget cell, and without a timeout that stalls CI to its end."""
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+    from qlib import profiles
+
+    timeout = profiles.get(profile).cell_timeout if cell_timeout is None else cell_timeout
+    for attempt in range(1, attempts + 1):
+        try:
+            return _execute_once(nb, profile, out_dir, timeout)
+        except (CellTimeoutError, DeadKernelError) as e:
+            if attempt == attempts:
+                raise
+            print(f"{nb.name}: {type(e).__name__} ({e}); running it again ({attempt + 1} of {attempts})",
+                  flush=True)
+    raise AssertionError("unreachable")
+
+
+def _execute_once(nb: Path, profile: str, out_dir: Path, timeout: float | None) -> Path:
     import papermill
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -42,7 +66,7 @@ def execute_one(nb: Path, profile: str = "quick", out_dir: Path = EXECUTED) -> P
     try:
         papermill.execute_notebook(
             str(nb), str(partial), parameters={"profile": profile}, cwd=str(nb.parent),
-            kernel_name="python3", progress_bar=False, log_output=False,
+            kernel_name="python3", progress_bar=False, log_output=False, execution_timeout=timeout,
         )
     except BaseException:
         partial.unlink(missing_ok=True)

@@ -139,8 +139,11 @@ class EarlyStopping:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the best scores' parameters back (nothing to do if no score was finite)."""
-        for t, b in zip(self.tensors, self.best_state or []):
+        """Copy the best score's parameters back; a RuntimeError if no score was finite."""
+        if self.best_state is None:
+            raise RuntimeError("no validation score was finite (NaN or inf throughout): training diverged; "
+                               "lower the learning rate or check the inputs")
+        for t, b in zip(self.tensors, self.best_state):
             t.copy_(b)
 
 

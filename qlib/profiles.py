@@ -155,6 +155,9 @@ class Profile:
     ablation: Ablation = field(default_factory=Ablation)
     own_model: OwnModel = field(default_factory=OwnModel)
     test_subset: int | None = None  # None: the full 10k test set
+    # seconds one chapter cell may run before qlib.book counts the run as hung and runs the
+    # chapter again; None: no limit (the paper profile's cells may take hours on a GPU)
+    cell_timeout: float | None = None
 
 
 PROFILES: dict[str, Profile] = {
@@ -192,6 +195,8 @@ PROFILES: dict[str, Profile] = {
         # one resnet18 step on 8 images at 224×224 costs ~0.85 s on two cores: 20 steps per
         # unit, lr raised so that lr·iters stays the paper's (as in `quant` above)
         own_model=OwnModel(calib_images=32, eval_images=32, iters=20, batch_size=8, lr=4e-2),
+        # the longest quick cell (chapter 5's labelling) takes ~15 minutes on two busy cores
+        cell_timeout=2400,
     ),
     "paper": Profile(
         name="paper",

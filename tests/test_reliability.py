@@ -324,3 +324,26 @@ def test_corrupt_cache_file_is_reported_removed_and_rebuilt(tmp_cache):
     with pytest.warns(UserWarning, match="removed unreadable cache file"):
         assert cache.load(path) is None
     assert not path.exists()
+
+
+def test_a_hung_chapter_is_timed_out_and_run_again(tmp_path, capsys):
+    """A cell past the timeout counts as a hung run: the chapter runs again from the top
+    (here the cell hangs only the first time), and a run that hangs every time fails."""
+    mark = tmp_path / "ran-once"
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('profile = "quick"')
+    params.metadata["tags"] = ["parameters"]
+    hang = f"import os, time\nfirst = not os.path.exists({str(mark)!r})\nopen({str(mark)!r}, 'w').close()\n" \
+           "time.sleep(60 if first else 0)"
+    nb.cells = [params, nbformat.v4.new_code_cell(hang)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    src = tmp_path / "99_hang.ipynb"
+    nbformat.write(nb, src)
+    out = book.execute_one(src, "quick", tmp_path / "executed", cell_timeout=8)
+    assert book.is_complete(out) and "running it again (2 of 2)" in capsys.readouterr().out
+    from nbclient.exceptions import CellTimeoutError
+
+    mark.unlink()
+    with pytest.raises(CellTimeoutError):
+        book.execute_one(src, "quick", tmp_path / "executed", cell_timeout=8, attempts=1)
+    assert not (tmp_path / "executed" / "99_hang.ipynb").exists()

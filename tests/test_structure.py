@@ -155,3 +155,10 @@ def test_verdicts_take_names_and_show_both_means():
     v = experiments.verdicts(recs, "x", "y", by=("arch",), column="config", names=("first", "second"))
     row = v.iloc[0]
     assert row["verdict"] == "first better" and row["x"] == pytest.approx(90.1) and row["y"] == pytest.approx(85.0)
+
+
+def test_early_stopping_refuses_to_restore_when_no_score_was_finite():
+    stop = predictor.EarlyStopping([torch.zeros(2)], patience=3)
+    stop.update(float("nan"))
+    with pytest.raises(RuntimeError, match="no validation score was finite"):
+        stop.restore()
