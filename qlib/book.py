@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from qlib import profiles
+
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "_build"
 EXECUTED = BUILD / "executed"
@@ -37,8 +39,6 @@ def execute_one(nb: Path, profile: str = "quick", out_dir: Path = EXECUTED, *,
     a kernel and papermill that both wait for a message the other will never send have
     been seen here once, in a widget cell, and without a timeout that stalls CI to its end."""
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
-
-    from qlib import profiles
 
     timeout = profiles.get(profile).cell_timeout if cell_timeout is None else cell_timeout
     for attempt in range(1, attempts + 1):

@@ -24,7 +24,7 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import Conv2dNormActivation
 from tqdm.auto import tqdm
 
-from qlib import cache, profiles
+from qlib import cache, data, profiles
 from qlib.hooks import forward_hooks
 
 ARCHS = ("resnet", "mobilenetv2", "vgg")
@@ -269,8 +269,6 @@ def train(model: nn.Module, train_set: TensorDataset, val_set: TensorDataset | N
 
 
 def _spec(arch: str, profile: str, dataset: str) -> dict:
-    from qlib import data
-
     return {"arch": arch, "dataset": dataset, "profile": profile,
             "val_holdout": {"size": data.VAL_SIZE, "seed": data.VAL_SEED},
             "train": profiles.get(profile).train.as_dict(), "model_repr": repr(build(arch))}
@@ -289,8 +287,6 @@ def pretrained(arch: str, profile: str = "quick", dataset: str = "fashion-mnist"
     With ``return_info=True`` also returns the training record: history (per-epoch loss
     and validation accuracy), wall time, device, final validation and test accuracy, and
     whether it came from the cache."""
-    from qlib import data  # local import: data imports cache, models is imported by data users
-
     spec = _spec(arch, profile, dataset)
     path = pretrained_path(arch, profile, dataset)
     model = build(arch)

@@ -26,11 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qlib import cache, checks
+from qlib import cache, checks, models
 from qlib.capture import capture, capture_many  # noqa: F401 (API: chapters use quant.capture)
 from qlib.graph import (DEFAULT_BLOCKS, calibration_units, check_blocks, fold_bn,  # noqa: F401
                         quantizable_layers, set_module)
-from qlib.models import resolve_device
 from qlib.recon import reconstruct
 from qlib.rounding import (ROUNDINGS, adaround_init, attention_round, check_bits, grid,
                            rectified_sigmoid, round_fixed, search_act_scale, search_weight_scale,
@@ -431,7 +430,7 @@ def quantize(model: nn.Module, calib: torch.Tensor, *, w_bits, a_bits: int | Non
     blocks = check_blocks(blocks)
     variant = check_variant(variant)
     start = time.perf_counter()
-    dev = resolve_device(device)
+    dev = models.resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     fp = fold_bn(model).to(dev)
     names = quantizable_layers(fp)
@@ -475,8 +474,6 @@ def load(path: str | Path, float_model_or_arch: nn.Module | str) -> nn.Module:
     """The quantized model saved at ``path``. ``float_model_or_arch`` gives its structure:
     the float model it was quantized from (any weights: all are replaced), or the name of
     one of the book's architectures. Loaded with ``weights_only=True``."""
-    from qlib import models
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no quantized model at {path}")
