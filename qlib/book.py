@@ -37,7 +37,9 @@ def execute_one(nb: Path, profile: str = "quick", out_dir: Path = EXECUTED, *,
     that dies counts as a hung run, and the chapter is run again from the top, up to
     ``attempts`` runs in all (its costly steps are cached, so a rerun mostly reads them):
     a kernel and papermill that both wait for a message the other will never send have
-    been seen here once, in a widget cell, and without a timeout that stalls CI to its end."""
+    been seen here in widget cells (about one run in ten of chapter 2's τ explorer, which
+    then finishes when its timeout fires), so a cell tagged ``widget`` gets at most
+    :data:`WIDGET_CELL_TIMEOUT` seconds instead of the profile's limit."""
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
     timeout = profiles.get(profile).cell_timeout if cell_timeout is None else cell_timeout
@@ -50,6 +52,17 @@ def execute_one(nb: Path, profile: str = "quick", out_dir: Path = EXECUTED, *,
             print(f"{nb.name}: {type(e).__name__} ({e}); running it again ({attempt + 1} of {attempts})",
                   flush=True)
     raise AssertionError("unreachable")
+
+
+#: seconds a cell tagged ``widget`` may run (it builds a widget and draws it once: < 2 s)
+WIDGET_CELL_TIMEOUT = 60
+
+
+def cell_timeout_for(cell, timeout: float | None) -> float | None:
+    """The limit for one cell: ``timeout``, or at most WIDGET_CELL_TIMEOUT for a widget cell."""
+    if "widget" in cell.get("metadata", {}).get("tags", []):
+        return WIDGET_CELL_TIMEOUT if timeout is None else min(timeout, WIDGET_CELL_TIMEOUT)
+    return timeout
 
 
 def _execute_once(nb: Path, profile: str, out_dir: Path, timeout: float | None) -> Path:
@@ -67,6 +80,7 @@ def _execute_once(nb: Path, profile: str, out_dir: Path, timeout: float | None) 
         papermill.execute_notebook(
             str(nb), str(partial), parameters={"profile": profile}, cwd=str(nb.parent),
             kernel_name="python3", progress_bar=False, log_output=False, execution_timeout=timeout,
+            timeout_func=lambda cell: cell_timeout_for(cell, timeout),
         )
     except BaseException:
         partial.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import Conv2dNormActivation
 from tqdm.auto import tqdm
 
-from qlib import cache, data, profiles
+from qlib import cache, data, profiles, record
 from qlib.hooks import forward_hooks
 
 ARCHS = ("resnet", "mobilenetv2", "vgg")
@@ -280,20 +280,24 @@ def pretrained_path(arch: str, profile: str = "quick", dataset: str = "fashion-m
 
 
 def pretrained(arch: str, profile: str = "quick", dataset: str = "fashion-mnist",
-               device: str | torch.device = "auto", return_info: bool = False):
-    """The trained float model of ``arch`` for a profile: trained once with a fixed seed,
-    then loaded from the cache (key: architecture, data, profile, training settings).
+               device: str | torch.device = "auto", return_info: bool = False, shipped: bool = True):
+    """The trained float model of ``arch`` for a profile: the checkpoint the profile ships
+    with its population record (:mod:`qlib.record`; the quick profile's float models, so
+    every machine labels and quantizes the same weights), else trained once with a fixed
+    seed and loaded from the cache (key: architecture, data, profile, training settings).
+    ``shipped=False`` skips the shipped checkpoint: this machine's own training (chapter 0).
 
     With ``return_info=True`` also returns the training record: history (per-epoch loss
-    and validation accuracy), wall time, device, final validation and test accuracy, and
-    whether it came from the cache."""
+    and validation accuracy), wall time, device, final validation and test accuracy,
+    whether it came from the cache and whether it is the shipped checkpoint."""
     spec = _spec(arch, profile, dataset)
     path = pretrained_path(arch, profile, dataset)
     model = build(arch)
-    record = cache.load(path)
-    if record is not None:
-        model.load_state_dict(record["state_dict"])
-        info = dict(record["info"], from_cache=True)
+    ckpt = record.float_checkpoint(arch, profile, cache.key(spec)) if shipped else None
+    rec = ckpt if ckpt is not None else cache.load(path)
+    if rec is not None:
+        model.load_state_dict(rec["state_dict"])
+        info = dict(rec["info"], from_cache=True, shipped=ckpt is not None)
     else:
         settings = profiles.get(profile).train.as_dict()
         torch.manual_seed(settings["seed"])
@@ -307,6 +311,15 @@ def pretrained(arch: str, profile: str = "quick", dataset: str = "fashion-mnist"
                 "test_acc": evaluate(model, data.load(dataset, "test")),
                 "threads": torch.get_num_threads()}
         cache.save({"state_dict": model.state_dict(), "info": info, "spec": cache.key(spec)}, path)
-        info = dict(info, from_cache=False)
+        info = dict(info, from_cache=False, shipped=False)
     model.eval()
     return (model, info) if return_info else model
+
+
+def checkpoint(arch: str, profile: str = "quick", dataset: str = "fashion-mnist") -> dict:
+    """The float model :func:`pretrained` serves, as the record a shipped checkpoint holds:
+    ``state_dict``, ``info`` (the training record) and ``spec`` (the training spec's key)."""
+    model, info = pretrained(arch, profile, dataset, return_info=True)
+    return {"state_dict": model.state_dict(),
+            "info": {k: v for k, v in info.items() if k not in ("from_cache", "shipped")},
+            "spec": cache.key(_spec(arch, profile, dataset))}

@@ -127,6 +127,9 @@ class QuantLayer(nn.Module):
         self.act = ActQuant(a_bits) if a_bits is not None else None
         self.soft = False  # AdaRound trains through the soft h(V); set by the reconstruction
         self.backward = "eq6"
+        # ŵ materialised once by freeze(), for evaluation passes: a buffer so that .to()
+        # moves it, not persistent so that it is never saved
+        self.register_buffer("frozen", None, persistent=False)
 
     @property
     def lo(self) -> int:
@@ -191,6 +194,7 @@ class QuantLayer(nn.Module):
     @torch.no_grad()
     def finalize(self) -> None:
         """Freeze the learned rounding into ``w_int``; drop v, V, α and σ."""
+        self.frozen = None
         if self.v is None:
             return
         self.w_int = self.integer_weight(soft=False).to(self.w_int.dtype)
@@ -198,6 +202,16 @@ class QuantLayer(nn.Module):
         for name in ("V", "alpha", "sigma"):
             if hasattr(self, name):
                 delattr(self, name)
+
+    @torch.no_grad()
+    def freeze(self) -> "QuantLayer":
+        """Materialise ŵ = scale · w_int once, so evaluation passes (no autograd) skip the
+        integer → float conversion per batch (never saved; loading a state or finalize()
+        drops it). A layer still being calibrated cannot be frozen."""
+        if self.v is not None:
+            raise ValueError("this layer is still being calibrated; call finalize() first")
+        self.frozen = self.weight()
+        return self
 
     def get_extra_state(self) -> dict:
         return {"w_bits": self.w_bits, "rounding": self.rounding,
@@ -211,12 +225,13 @@ class QuantLayer(nn.Module):
         w = state_dict.get(prefix + "w_int")
         if w is not None and w.dtype != self.w_int.dtype and w.shape == self.w_int.shape:
             self.w_int = torch.empty_like(self.w_int, dtype=w.dtype)
+        self.frozen = None  # materialised from the old weights
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x):
         if self.act is not None:
             x = self.act(x)
-        w = self.weight(soft=self.soft)
+        w = self.frozen if self.frozen is not None and not torch.is_grad_enabled() else self.weight(soft=self.soft)
         if self.conv is not None:
             return F.conv2d(x, w, self.bias, **self.conv)
         return F.linear(x, w, self.bias)
@@ -248,6 +263,14 @@ def attach_report(qmodel: nn.Module, report: dict) -> None:
     qmodel.quant_report = dict(report)
     qmodel.register_state_dict_post_hook(_report_to_state)
     qmodel.register_load_state_dict_pre_hook(_report_from_state)
+
+
+def freeze(qmodel: nn.Module) -> nn.Module:
+    """Every QuantLayer of ``qmodel`` with its ŵ materialised (:meth:`QuantLayer.freeze`),
+    for repeated evaluation passes; the outputs are bit-identical to the unfrozen model's."""
+    for m in quant_layers(qmodel).values():
+        m.freeze()
+    return qmodel
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:

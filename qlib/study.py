@@ -12,6 +12,7 @@ chapter 5's trained predictor — built from :mod:`qlib.population`, :mod:`qlib.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from qlib import baselines, cache, experiments, population, predictor, quant, tokens
+from qlib import baselines, cache, experiments, models, population, predictor, quant, record, tokens
 from qlib.experiments import Setup
 from qlib.graph import fold_bn
 
@@ -46,19 +47,34 @@ def configs(S: Setup, arch: str) -> list[dict]:
         learned_kwargs=learned_kwargs(S, arch))
 
 
-def population_of(S: Setup, arch: str, *, progress: bool = True) -> dict:
-    """The labelled population of ``arch`` for ``S``'s profile, from the cache or built (with
-    a progress bar) and saved atomically. Returns ``records`` (one dict per configuration,
+def record_spec(S: Setup, arch: str) -> dict:
+    """What a shipped population record of ``arch`` must have been built for (:mod:`qlib.record`):
+    the population VERSION, the float weights, calibration and test images, the probe set,
+    the histogram settings and the sampler's settings. Not the configurations themselves:
+    the record's are authoritative (a learned rounding's lr in them is the one chapter 3
+    selected on the machine that built the record; another machine might select another)."""
+    ps = S.profile.predictor
+    pidx = population.probe_indices(len(S.test_set.tensors[0]), ps.probe_images)
+    return {"version": population.VERSION, "arch": arch, "profile": S.profile.name,
+            "float": S.digest(f"model:{arch}"), "calib": S.digest("calib"), "test": S.digest("test"),
+            "probe": pidx.tolist(), "bins": ps.bins, "stride": ps.full_stride,
+            "sampler": {"configs": ps.configs, "seed": ps.seed, "learned_share": ps.learned_share}}
+
+
+def population_of(S: Setup, arch: str, *, progress: bool = True, shipped: bool = True) -> dict:
+    """The labelled population of ``arch`` for ``S``'s profile: the profile's shipped record
+    if it has one (``shipped``; :mod:`qlib.record`), else from the cache or built (with a
+    progress bar) and saved atomically. Returns ``records`` (one dict per configuration,
     see :func:`qlib.population.label`), ``float`` (the float model's own measurements),
     ``probe_idx``, ``ranges``, ``bins``, ``stride`` and ``seconds`` (labelling time)."""
     ps = S.profile.predictor
-    images, labels = S.test_set.tensors
-    pidx = population.probe_indices(len(images), ps.probe_images)
+    pidx = population.probe_indices(len(S.test_set.tensors[0]), ps.probe_images)
+    if shipped:
+        hit = record.population(S.profile.name, arch, record_spec(S, arch))
+        if hit is not None:
+            return hit
     cfgs = configs(S, arch)
-    spec = {"version": population.VERSION, "arch": arch, "profile": S.profile.name,
-            "float": S.digest(f"model:{arch}"), "calib": S.digest("calib"), "test": S.digest("test"),
-            "probe": pidx.tolist(), "bins": ps.bins, "stride": ps.full_stride,
-            "configs": cache.key({"c": [population.config_key(c) for c in cfgs]})}
+    spec = {**record_spec(S, arch), "configs": cache.key({"c": [population.config_key(c) for c in cfgs]})}
     path = cache.path_for("population", spec)
     hit = cache.load(path)
     if hit is not None:
@@ -86,7 +102,9 @@ def _label_population(S: Setup, arch: str, cfgs: list[dict], pidx: torch.Tensor,
     seconds = float_seconds + sum(r["seconds"] for r in records)
     return {"arch": arch, "records": records, "probe_idx": pidx, "ranges": {k: list(v) for k, v in ranges.items()},
             "bins": ps.bins, "stride": ps.full_stride, "seconds": seconds,
-            "float": {"acc": fl_full["acc"], "probe_acc": fl_probe["acc"], "tokens_full": fl_full["tokens"],
+            "float": {"acc": 100 * int((fl_full["preds"] == labels).sum()) / len(labels),
+                      "probe_acc": fl_probe["acc"], "tokens_full": fl_full["tokens"],
+                      "correct_full": fl_full["preds"] == labels,
                       "tokens_probe": fl_probe["tokens"], "probe_preds": fl_probe["preds"]}}
 
 
@@ -242,3 +260,53 @@ def trained_predictor(arch: str, profile: str = "quick", *, progress: bool = Tru
     return {"model": model.eval(), "history": hist, "probe": S.test_set.tensors[0][pop["probe_idx"]],
             "ranges": {k: tuple(v) for k, v in pop["ranges"].items()}, "bins": pop["bins"], "arch": arch}
 
+
+
+def build_record(profile: str = "quick", archs=models.ARCHS, *, configs_per_arch: int | None = None,
+                 progress: bool = True) -> dict:
+    """Label ``profile``'s populations live (resuming from every configuration already
+    cached) and write them, with the float checkpoints they were labelled on, into the
+    profile's shipped record (:mod:`qlib.record`). ``configs_per_arch`` overrides the
+    profile's sampled configurations per architecture. Returns the manifest."""
+    import dataclasses
+    import platform
+    import subprocess
+    from datetime import datetime, timezone
+
+    S = experiments.setup(profile)
+    if configs_per_arch is not None:
+        p = S.profile
+        S = dataclasses.replace(S, profile=dataclasses.replace(
+            p, predictor=dataclasses.replace(p.predictor, configs=configs_per_arch)))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=record.ROOT.parent, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    for arch in archs:
+        start = time.perf_counter()
+        pop = population_of(S, arch, progress=progress, shipped=False)
+        man = record.write(profile, {f"float_{arch}.pt": models.checkpoint(arch, profile),
+                                     f"{arch}.pt": record.pack(pop, record_spec(S, arch))}, {
+            "qlib_population_version": population.VERSION, "torch": torch.__version__,
+            "device": models.describe_device(S.device), "machine": platform.machine(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+            "archs": {arch: {"configs": len(pop["records"]), "float_acc": pop["float"]["acc"],
+                             "label_seconds": round(pop["seconds"], 1),
+                             "wall_seconds": round(time.perf_counter() - start, 1)}}})
+    return man
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m qlib.study", description="chapters 5–7's shipped population")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="label the populations and write populations/<profile>/")
+    b.add_argument("--profile", default="quick")
+    b.add_argument("--arch", action="append", choices=models.ARCHS, help="default: every architecture")
+    b.add_argument("--configs", type=int, default=None, help="sampled configurations per architecture")
+    a = p.parse_args(argv)
+    man = build_record(a.profile, a.arch or models.ARCHS, configs_per_arch=a.configs)
+    print(json.dumps({k: v for k, v in man.items() if k != "files"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -105,7 +105,7 @@ def _check_pass_args(images: torch.Tensor, stride, keep_counts) -> None:
         raise ValueError(f"keep_counts must be image counts in 1..{len(images)}, got {bad}")
 
 
-@torch.no_grad()
+@torch.no_grad()  # not inference_mode: its tensors could not feed a predictor's training
 def histogram_pass(model: nn.Module, images: torch.Tensor, bins: int, ranges: dict[str, tuple[float, float]],
                    *, stride: int = 1, batch_size: int = 250, labels: torch.Tensor | None = None,
                    keep_counts: tuple[int, ...] = ()) -> dict:
@@ -127,10 +127,12 @@ def histogram_pass(model: nn.Module, images: torch.Tensor, bins: int, ranges: di
 
     def make_hook(n):
         lo, hi = ranges[n]
+        histogram_counts(torch.zeros(1), bins, lo, hi)  # checks the range once, not per batch
 
         def hook(mod, inp, out):
+            # histogram_counts without its checks: this runs once per layer and batch
             per_image[n] = out[0].numel()
-            counts[n] += histogram_counts(_flat(out)[::stride], bins, lo, hi).double()
+            counts[n] += torch.histc(_flat(out)[::stride].clamp(lo, hi), bins=bins, min=lo, max=hi)
         return hook
 
     was_training = model.training

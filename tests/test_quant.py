@@ -264,3 +264,35 @@ def test_fixed_activation_steps_stay_at_their_initialisation():
     steps = lambda q: torch.stack([m.act.scale.detach() for m in quant.quant_layers(q).values() if m.act is not None])
     assert torch.equal(steps(init), steps(fixed))
     assert not torch.equal(steps(init), steps(learned))
+
+
+def test_freeze_is_bit_identical_and_never_stale(randomise_bn):
+    m = randomise_bn(models.build("resnet"))
+    calib = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    q = quant.quantize(m, calib, w_bits=3, a_bits=6, rounding="nearest", progress=False)
+    with torch.no_grad():
+        before = q(x)
+        quant.freeze(q)
+        assert all(layer.frozen is not None for layer in quant.quant_layers(q).values())
+        assert torch.equal(q(x), before)
+        assert not any(k.endswith("frozen") for k in q.state_dict())  # never saved
+        # loading other weights drops the materialised ones (else the old ŵ would be used)
+        other = quant.quantize(m, calib, w_bits=2, a_bits=6, rounding="nearest", progress=False)
+        q.load_state_dict(other.state_dict())
+        assert all(layer.frozen is None for layer in quant.quant_layers(q).values())
+        assert torch.equal(q(x), other(x))
+    # with gradients on (chapter 6 trains through quantized models) the frozen copy is not used
+    quant.freeze(q)
+    layer = next(iter(quant.quant_layers(q).values()))
+    layer.frozen = torch.zeros_like(layer.frozen)
+    assert torch.equal(q(x), other(x))  # runs through weight(), not the zeroed copy
+    with torch.no_grad():
+        assert not torch.equal(q(x), other(x))  # ...while no_grad uses it: the copy is what runs
+
+
+def test_a_layer_being_calibrated_cannot_be_frozen():
+    layer = quant.QuantLayer(nn.Conv2d(2, 3, 3), w_bits=4)
+    layer.start(torch.randn(3, 2, 3, 3), "attention", generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="still being calibrated"):
+        layer.freeze()

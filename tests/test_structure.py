@@ -162,3 +162,21 @@ def test_early_stopping_refuses_to_restore_when_no_score_was_finite():
     stop.update(float("nan"))
     with pytest.raises(RuntimeError, match="no validation score was finite"):
         stop.restore()
+
+
+def test_widget_cells_get_a_short_timeout():
+    from qlib import book
+
+    widget = {"metadata": {"tags": ["widget"]}}
+    assert book.cell_timeout_for(widget, 1200) == book.WIDGET_CELL_TIMEOUT
+    assert book.cell_timeout_for(widget, None) == book.WIDGET_CELL_TIMEOUT
+    assert book.cell_timeout_for(widget, 10) == 10
+    assert book.cell_timeout_for({"metadata": {"tags": ["hide-input"]}}, 1200) == 1200
+    assert book.cell_timeout_for({"metadata": {}}, None) is None
+    # every chapter cell that builds a widget carries the tag
+    import json
+    for nb in book.notebooks():
+        for cell in json.loads(nb.read_text())["cells"]:
+            src = "".join(cell["source"])
+            if cell["cell_type"] == "code" and ("widgets.tau_explorer(" in src or "widgets.bit_picker(" in src):
+                assert "widget" in cell["metadata"].get("tags", []), f"{nb.name}: untagged widget cell"
