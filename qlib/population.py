@@ -229,21 +229,43 @@ def label_all(configs: list[dict], float_model: nn.Module, folded: nn.Module, ca
     return records, reused
 
 
-def split(records: list[dict], fractions=(0.6, 0.2, 0.2), seed: int = 0) -> dict[str, list[int]]:
-    """Disjoint train / val / test indices into ``records``, by configuration: a seeded
-    shuffle cut by ``fractions``; identical configurations (same config_key) always land in
-    the same set."""
+SPLIT_GROUPS = ("config", "bits")
+
+
+def group_key(cfg: dict, group: str = "config") -> str:
+    """What keeps records on one side of a split: the configuration (``"config"``) or its
+    weight bit pattern (``"bits"``: every rounding, seed and activation width of one
+    per-layer bit list together, so a held-out model never has a training twin that
+    differs only in its rounding)."""
+    if group == "config":
+        return config_key(cfg)
+    if group == "bits":
+        return json.dumps([cfg["arch"], cfg["w_bits"]], sort_keys=True)
+    raise ValueError(f"group must be one of {SPLIT_GROUPS}, got {group!r}")
+
+
+def split(records: list[dict], fractions=(0.6, 0.2, 0.2), seed: int = 0,
+          group: str = "config") -> dict[str, list[int]]:
+    """Disjoint train / val / test indices into ``records``: a seeded shuffle of the groups
+    (:func:`group_key`), cut where the running count of records reaches ``fractions``;
+    records of one group always land in the same set."""
     if not records:
         raise ValueError("the population is empty: label some configurations first")
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) <= 0:
         raise ValueError(f"fractions must be three positive shares summing to 1, got {fractions}")
-    keys = sorted({config_key(r["config"]) for r in records})
-    rng = np.random.default_rng(seed)
-    order = [keys[i] for i in rng.permutation(len(keys))]
-    n_tr = round(fractions[0] * len(keys))
-    n_va = round(fractions[1] * len(keys))
-    where = {k: ("train" if i < n_tr else "val" if i < n_tr + n_va else "test") for i, k in enumerate(order)}
-    out = {"train": [], "val": [], "test": []}
+    members: dict[str, list[int]] = {}
     for i, r in enumerate(records):
-        out[where[config_key(r["config"])]].append(i)
+        members.setdefault(group_key(r["config"], group), []).append(i)
+    keys = sorted(members)
+    rng = np.random.default_rng(seed)
+    out, seen = {"train": [], "val": [], "test": []}, 0
+    cut_tr, cut_va = fractions[0] * len(records), (fractions[0] + fractions[1]) * len(records)
+    for k in (keys[i] for i in rng.permutation(len(keys))):
+        # a group goes where the record count stands at its middle: shares stay close to
+        # ``fractions`` even when a few groups are large (the uniform bit patterns)
+        mid = seen + len(members[k]) / 2
+        out["train" if mid < cut_tr else "val" if mid < cut_va else "test"].extend(members[k])
+        seen += len(members[k])
+    for part in out.values():
+        part.sort()
     return out

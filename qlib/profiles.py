@@ -62,6 +62,9 @@ class Predictor:
     configs: int = 1000             # sampled configurations per architecture (plus the
                                     # one-layer-at-2-bits sensitivity configs)
     learned_share: float = 0.15     # share calibrated with Attention Round or AdaRound
+    # read from the record shipped in populations/<profile>/ (qlib.record) instead of labelled
+    # live: labelling 3,000 configurations takes hours on two cores
+    shipped: bool = False
     probe_images: int = 256         # fixed test images whose histograms the predictor reads
     bins: int = 32                  # histogram bins per branch (a token has 2 × bins values)
     full_stride: int = 31           # full-test histograms read every 31st value (prime: no aliasing)

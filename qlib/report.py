@@ -105,6 +105,16 @@ def mae_verdict(y_true, pred_a, pred_b, *, margin: float = 0.0, n_boot: int = 20
     return {"diff": d, "low": lo, "high": hi, "verdict": word}
 
 
+def seed_proof(verdicts: list[dict]) -> str:
+    """One verdict from several runs (seeds × splits) of :func:`mae_verdict`: "better" or
+    "worse" only when every run says so, else "not distinguishable": wording that no
+    reseeding in the set overturns."""
+    if not verdicts:
+        raise ValueError("no runs to combine: pass one mae_verdict per seed and split")
+    words = {v["verdict"] for v in verdicts}
+    return words.pop() if len(words) == 1 and "not distinguishable" not in words else "not distinguishable"
+
+
 def versus(verdict: str) -> str:
     """The verdict word as a phrase before the other predictor's name: "better than",
     "worse than", "not distinguishable from"."""

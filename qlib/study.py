@@ -73,6 +73,11 @@ def population_of(S: Setup, arch: str, *, progress: bool = True, shipped: bool =
         hit = record.population(S.profile.name, arch, record_spec(S, arch))
         if hit is not None:
             return hit
+        if ps.shipped:
+            raise record.RecordError(
+                f"the {S.profile.name} profile reads its {arch} population from {record.directory(S.profile.name)}, "
+                "which has none: restore it from git or build it (hours on two cores): "
+                + record.REBUILD.format(profile=S.profile.name))
     cfgs = configs(S, arch)
     spec = {**record_spec(S, arch), "configs": cache.key({"c": [population.config_key(c) for c in cfgs]})}
     path = cache.path_for("population", spec)

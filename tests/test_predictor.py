@@ -140,6 +140,25 @@ def test_split_is_by_configuration_and_disjoint():
     assert sorted(i for v in idx.values() for i in v) == list(range(len(recs)))
 
 
+def test_grouped_split_keeps_a_bit_pattern_on_one_side():
+    m = models.build("vgg")
+    recs = [{"config": c, "acc": 0.0} for c in population.sample_configs("vgg", m, 300, seed=0)]
+    idx = population.split(recs, (0.6, 0.2, 0.2), seed=2, group="bits")
+    side = {}
+    for part, members in idx.items():
+        for i in members:
+            key = population.group_key(recs[i]["config"], "bits")
+            assert side.setdefault(key, part) == part, f"bit pattern on both {side[key]} and {part}"
+    assert sorted(i for v in idx.values() for i in v) == list(range(len(recs)))
+    # the uniform patterns are large groups (many roundings and activation widths each) and
+    # still the shares stay near the fractions
+    sizes = {p: len(v) / len(recs) for p, v in idx.items()}
+    assert abs(sizes["train"] - 0.6) < 0.08 and abs(sizes["test"] - 0.2) < 0.08, sizes
+    assert len(side) < len(recs)  # there were shared patterns to keep together
+    with pytest.raises(ValueError, match="group must be"):
+        population.split(recs, group="rounding")
+
+
 def test_sampled_configs_are_distinct_json_and_reproducible():
     import json
 
