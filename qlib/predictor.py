@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from qlib.tokens import layer_histograms
+from qlib.tokens import histogram_pass, layer_histograms
 
 
 # --- the encoder ---------------------------------------------------------------------------
@@ -71,6 +71,9 @@ class AccuracyPredictor(nn.Module):
         self.head = nn.Linear(d_model, 1)
         self.register_buffer("y_mean", torch.tensor(0.0))
         self.register_buffer("y_std", torch.tensor(1.0))
+        # 1: the output is a correction to a base estimate (the paired probe estimate), which
+        # predict_tokens adds back; 0: the output is the top-1 itself (the preprint's encoder)
+        self.register_buffer("residual", torch.tensor(0))
         self.token_dim, self.max_layers = token_dim, max_layers
 
     def forward(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,17 +206,34 @@ def _epoch(model: AccuracyPredictor, opt, X, M, y, batch_size: int, g: torch.Gen
 
 
 @torch.no_grad()
-def predict_tokens(model: AccuracyPredictor, token_list: list[torch.Tensor]) -> np.ndarray:
-    """Predicted top-1 (%) for each token sequence."""
+def predict_tokens(model: AccuracyPredictor, token_list: list[torch.Tensor], base=None) -> np.ndarray:
+    """Predicted top-1 (%) for each token sequence; a residual model's correction is added
+    to ``base`` (one base estimate per sequence, required then)."""
     X, M = pad_tokens(token_list)
     model.eval()
-    return model(X, M).numpy()
+    out = model(X, M).numpy()
+    if int(model.residual):
+        if base is None or len(base) != len(out):
+            raise ValueError("this predictor corrects a base estimate (the paired probe estimate): "
+                             f"pass base= with one value per token sequence ({len(out)})")
+        out = out + np.asarray(base, dtype=out.dtype)
+    return out
 
 
 def predict(trained: dict, qmodel: nn.Module, images: torch.Tensor | None = None) -> float:
     """Predicted top-1 (%) of a quantized model of ``trained``'s architecture (a dict from
     :func:`qlib.study.trained_predictor`: ``model``, ``probe``, ``bins``, ``ranges``), from
-    the histograms of its layer outputs on ``images`` (default: the probe images)."""
-    images = trained["probe"] if images is None else images
-    tokens = layer_histograms(qmodel, images, trained["bins"], trained["ranges"])
-    return float(predict_tokens(trained["model"], [tokens])[0])
+    the histograms of its layer outputs on ``images`` (default: the probe images). A
+    residual predictor adds its correction to the paired estimate on the probe images
+    (``float_acc`` + probe top-1 − ``float_probe_acc``, with ``probe_labels``)."""
+    model = trained["model"]
+    if not int(model.residual):
+        images = trained["probe"] if images is None else images
+        tokens = layer_histograms(qmodel, images, trained["bins"], trained["ranges"])
+        return float(predict_tokens(model, [tokens])[0])
+    if images is not None:
+        raise ValueError("this predictor corrects the paired estimate on its own probe images, whose float "
+                         "top-1 it knows: call predict(trained, qmodel) without images")
+    out = histogram_pass(qmodel, trained["probe"], trained["bins"], trained["ranges"], labels=trained["probe_labels"])
+    base = trained["float_acc"] + out["acc"] - trained["float_probe_acc"]
+    return float(predict_tokens(model, [out["tokens"]], base=[base])[0])

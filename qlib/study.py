@@ -156,26 +156,38 @@ def quantized(S: Setup, arch: str, record: dict) -> nn.Module:
                                 digests=(S.digest(f"model:{arch}"), S.digest("calib")))
 
 
+def paired_estimate(pops: Populations, arch: str, i: int) -> float:
+    """Record ``i`` of ``arch``: the float model's exact top-1 plus the quantized − float
+    difference on the probe images (:func:`qlib.baselines.paired`)."""
+    ref, r = pops.float_ref(arch), pops.pops[arch]["records"][i]
+    return ref["acc"] + r["probe_acc"] - ref["probe_acc"]
+
+
 def fit_pooled(pops: Populations, *, source: str | Callable[[str, int], torch.Tensor] = "tokens_probe",
                archs=None, train_index: dict[str, list[int]] | None = None, desc: str = "predictor",
-               progress: bool = True, **overrides) -> tuple[predictor.AccuracyPredictor, dict]:
+               progress: bool = True, residual: bool = False, **overrides) -> tuple[predictor.AccuracyPredictor, dict]:
     """Chapter 5's encoder training on the pooled training configurations of ``archs``
     (default: all), early-stopped on their validation configurations, with the profile's
     settings and ``overrides`` (e.g. ``seed=1``, ``position_encoding=False``). ``source``:
     the record key of the tokens, or ``source(arch, record_index)`` for tokens made
     otherwise (chapter 7);
-    ``train_index``: per architecture, the training records to use (default: all)."""
+    ``train_index``: per architecture, the training records to use (default: all);
+    ``residual``: learn the label minus the paired estimate (:func:`paired_estimate`), a
+    correction the model adds back at prediction."""
     get = _token_getter(pops, source)
     archs = list(archs or pops.archs)
 
     def xy(pick):
         idx = [(a, i) for a in archs for i in pick(a)]
-        return [get(a, i) for a, i in idx], [pops.pops[a]["records"][i]["acc"] for a, i in idx]
+        base = [paired_estimate(pops, a, i) if residual else 0.0 for a, i in idx]
+        return [get(a, i) for a, i in idx], [pops.pops[a]["records"][i]["acc"] - b for (a, i), b in zip(idx, base)]
 
     train = xy(lambda a: (train_index or {}).get(a, pops.index[a]["train"]))
     val = xy(lambda a: pops.index[a]["val"])
-    return predictor.fit(train, val, progress=progress,
-                         **pops.S.profile.predictor.fit_kwargs(desc=desc, **overrides))
+    model, hist = predictor.fit(train, val, progress=progress,
+                                **pops.S.profile.predictor.fit_kwargs(desc=desc, **overrides))
+    model.residual.fill_(int(residual))
+    return model, hist
 
 
 def _token_getter(pops: Populations, source) -> Callable[[str, int], torch.Tensor]:
@@ -189,7 +201,9 @@ def predict_part(model: predictor.AccuracyPredictor, pops: Populations, part: st
     """``model``'s predictions for ``part``'s records (tokens from ``source``, as in
     :func:`fit_pooled`), pooled in :meth:`Populations.labels` order."""
     get = _token_getter(pops, source)
-    return predictor.predict_tokens(model, [get(a, i) for a in (archs or pops.archs) for i in pops.index[a][part]])
+    idx = [(a, i) for a in (archs or pops.archs) for i in pops.index[a][part]]
+    base = [paired_estimate(pops, a, i) for a, i in idx] if int(model.residual) else None
+    return predictor.predict_tokens(model, [get(a, i) for a, i in idx], base=base)
 
 
 def train_subset(pops: Populations, arch: str, share: float) -> list[int]:
@@ -262,7 +276,10 @@ def trained_predictor(arch: str, profile: str = "quick", *, progress: bool = Tru
         model.load_state_dict(hit["state_dict"])
         hist = hit["history"]
     pop = pops.pops[arch]
-    return {"model": model.eval(), "history": hist, "probe": S.test_set.tensors[0][pop["probe_idx"]],
+    images, labels = S.test_set.tensors
+    return {"model": model.eval(), "history": hist, "probe": images[pop["probe_idx"]],
+            "probe_labels": labels[pop["probe_idx"]], "float_acc": pop["float"]["acc"],
+            "float_probe_acc": pop["float"]["probe_acc"],
             "ranges": {k: tuple(v) for k, v in pop["ranges"].items()}, "bins": pop["bins"], "arch": arch}
 
 

@@ -250,3 +250,30 @@ def test_kept_counts_give_the_tokens_of_fewer_images_and_bins(tiny):
         tokens.histogram_pass(fm, images, 16, ranges, keep_counts=(41,))
     with pytest.raises(ValueError, match="merge"):
         tokens.tokens_from_counts(out["counts"][7], 7, out["values_per_image"], merge=3)
+
+
+def test_a_residual_predictor_adds_its_correction_to_the_paired_estimate():
+    import torch.nn as nn
+
+    from qlib import quant
+
+    torch.manual_seed(0)
+    fm = models.build("vgg").eval()
+    calib, probe = torch.randn(16, 1, 28, 28), torch.randn(12, 1, 28, 28)
+    labels = torch.randint(0, 10, (12,))
+    q = quant.quantize(fm, calib, w_bits=3, rounding="nearest", progress=False)
+    ranges = tokens.float_ranges(fm, probe)
+    enc = predictor.AccuracyPredictor(2 * 8, d_model=16, heads=2, layers=1)
+    nn.init.zeros_(enc.head.weight)
+    nn.init.constant_(enc.head.bias, 0.5)  # a correction of +0.5 points (y_std 1, y_mean 0)
+    enc.residual.fill_(1)
+    trained = {"model": enc, "probe": probe, "probe_labels": labels, "bins": 8, "ranges": ranges,
+               "float_acc": 91.0, "float_probe_acc": 75.0}
+    with torch.no_grad():
+        probe_top1 = 100 * (q(probe).argmax(1) == labels).float().mean().item()
+    assert predictor.predict(trained, q) == pytest.approx(91.0 + probe_top1 - 75.0 + 0.5, abs=1e-4)
+    with pytest.raises(ValueError, match="without images"):
+        predictor.predict(trained, q, probe)
+    with pytest.raises(ValueError, match="base="):
+        predictor.predict_tokens(enc, [torch.rand(8, 16)])
+    assert predictor.predict_tokens(enc, [torch.rand(8, 16)], base=[80.0])[0] == pytest.approx(80.5)
