@@ -222,7 +222,7 @@ def cheap_predictions(pops: Populations, arch: str, part: str = "test") -> dict[
     return {"training mean": baselines.train_mean(tr, te),
             "probe top-1": baselines.probe_top1(te),
             "paired probe": baselines.paired(te, pops.float_ref(arch)),
-            "ridge: agreement + bits": baselines.ridge(tr, va, te, "agree")[0],
+            "ridge: agreement + bits": baselines.ridge(tr, va, te, "agree", pops.float_ref(arch))[0],
             "ridge: weights only": baselines.ridge(tr, va, te, "weights")[0],
             "MLP on tokens": baselines.mlp(tr, va, te, seed=ps.seed)[0]}
 

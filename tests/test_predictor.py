@@ -232,6 +232,36 @@ def test_ridge_selects_on_validation_and_predicts_a_linear_truth():
     assert np.abs(p - baselines.labels(te)).max() < 0.5 and info["alpha"] in baselines.RIDGE_ALPHAS
 
 
+def test_agreement_features_include_the_paired_estimate_and_activation_bits():
+    r = {"config": {"w_bits": {"a": 4, "b": 3}, "a_bits": 6, "rounding": "nearest"}, "probe_agree": 97.0,
+         "probe_acc": 85.0}
+    row = baselines.features([r], "agree", {"acc": 91.0, "probe_acc": 88.0})[0]
+    assert list(row) == [97.0, 88.0, 6.0, 1 / 6, 4.0, 3.0]
+    with pytest.raises(ValueError, match="float_ref"):
+        baselines.features([r], "agree")
+
+
+def test_pooled_mlp_pads_architectures_and_learns_across_them():
+    rng = np.random.default_rng(0)
+
+    def recs(n, L, shift):  # the label reads the first token's mean; the architecture adds a shift
+        out = []
+        for _ in range(n):
+            t = torch.from_numpy(rng.random((L, 4))).float()
+            out.append({"tokens_probe": t, "acc": 80 + 10 * float(t[0].mean()) + shift})
+        return out
+
+    parts = [{"a": recs(n, 3, 0.0), "b": recs(n, 5, 4.0)} for n in (150, 40, 40)]
+    X = baselines.pooled_tokens(parts[0])
+    assert X.shape == (300, 5 * 4 + 2) and (X[:150, 12:20] == 0).all()  # "a" padded from 3 to 5 layers
+    pred, info = baselines.mlp_pooled(*parts, seed=0)
+    y = np.concatenate([baselines.labels(parts[2][a]) for a in ("a", "b")])
+    const = np.abs(y - y.mean()).mean()
+    assert np.abs(pred - y).mean() < 0.5 * const, (np.abs(pred - y).mean(), const)
+    with pytest.raises(ValueError, match="same architectures"):
+        baselines.mlp_pooled(parts[0], {"b": parts[1]["b"], "a": parts[1]["a"]}, parts[2])
+
+
 def test_kept_counts_give_the_tokens_of_fewer_images_and_bins(tiny):
     """Chapter 7's probe-size and bin ablations come from one pass: the counts kept after
     the first n images, merged 2 → 1 bins, equal a fresh pass over those n at half the bins."""
