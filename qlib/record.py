@@ -16,6 +16,7 @@ loaded with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -156,6 +157,14 @@ def write(profile: str, files: dict[str, object], info: dict) -> dict:
     seconds) merged into the manifest's top level. Returns the manifest."""
     d = directory(profile)
     d.mkdir(parents=True, exist_ok=True)
+    # one build process per architecture may finish at the same moment: the manifest's
+    # read-modify-write holds an exclusive lock, so neither drops the other's entry
+    with open(d / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _write_locked(profile, d, files, info)
+
+
+def _write_locked(profile: str, d: Path, files: dict[str, object], info: dict) -> dict:
     man = manifest(profile) or {"profile": profile, "files": {}}
     for name, obj in files.items():
         cache.save(obj, d / name)
