@@ -214,6 +214,9 @@ def stage2(params: Iterable[nn.Parameter], make_images: Callable[[], dict], judg
     (hard histograms) is measured and the best parameters kept (early stopping after
     ``patience`` evaluations without improvement). Returns the history."""
     _check_stage2_entries(train, val)
+    if int(getattr(judge, "residual", 0)):
+        raise ValueError("stage 2 needs a judge that predicts top-1 itself; this one corrects the paired "
+                         "probe estimate (study.fit_pooled(residual=True)), which one image cannot give")
     params = list(params)
     judge.eval().requires_grad_(False)
     for _, q, _ in list(train) + list(val):

@@ -146,6 +146,7 @@ class QuantLayer(nn.Module):
         at once (the layer is final); AdaRound and Attention Round get their variables.
         ``variant`` holds chapter 7's ablation switches (see :data:`VARIANT`)."""
         v_ = {**VARIANT, **(variant or {})}
+        self.frozen = None  # new weights follow
         self.rounding = rounding
         self.backward = v_["backward"]
         self.scale = search_weight_scale(weight, self.w_bits, method=v_["weight_steps"],

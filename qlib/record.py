@@ -19,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -67,11 +66,12 @@ def _load(profile: str, name: str):
         raise RecordError(f"{path} is not in {directory(profile)}/manifest.json; rebuild the record: "
                           + REBUILD.format(profile=profile))
     if not path.is_file():
-        raise RecordError(f"{path} is missing (the manifest lists it); restore it from git or rebuild: "
-                          + REBUILD.format(profile=profile))
+        raise RecordError(f"{path} is missing (the manifest lists it): restore it with "
+                          f"`git checkout -- {directory(profile)}`, or rebuild: " + REBUILD.format(profile=profile))
     if sha256(path) != man["files"][name]["sha256"]:
-        raise RecordError(f"{path} does not match its checksum in manifest.json (corrupt or edited); "
-                          "restore it from git or rebuild: " + REBUILD.format(profile=profile))
+        raise RecordError(f"{path} does not match its checksum in manifest.json (corrupt or edited): "
+                          f"restore it with `git checkout -- {directory(profile)}`, or rebuild: "
+                          + REBUILD.format(profile=profile))
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -122,13 +122,14 @@ def pack(pop: dict, spec: dict) -> dict:
         raise ValueError("the population is empty: nothing to pack")
     correct = np.stack([r["correct_full"].numpy() for r in recs])
     return {"format": FORMAT, "spec": cache.key(spec), "arch": pop["arch"],
-            "configs": [json.dumps(r["config"], sort_keys=True) for r in recs],
+            # no sort_keys: w_bits keeps the model's layer order, which chapters read
+            "configs": [json.dumps(r["config"]) for r in recs],
             **{k: torch.tensor([float(r[k]) for r in recs], dtype=torch.float64) for k in RECORD_FLOATS},
             "n_test": int(correct.shape[1]),
             "correct_full": torch.from_numpy(np.packbits(correct, axis=1)),
             "tokens_probe": torch.stack([r["tokens_probe"] for r in recs]).half(),
             "tokens_full": torch.stack([r["tokens_full"] for r in recs]).half(),
-            "sqnr": torch.tensor([r["sqnr"] for r in recs], dtype=torch.float32),
+            "sqnr": torch.tensor([r["sqnr"] for r in recs], dtype=torch.float64),
             "float": pop["float"], "probe_idx": pop["probe_idx"], "ranges": pop["ranges"],
             "bins": pop["bins"], "stride": pop["stride"], "pop_seconds": float(pop["seconds"])}
 
@@ -177,13 +178,7 @@ def _write_locked(profile: str, d: Path, files: dict[str, object], info: dict) -
     man["total_mib"] = round(sum(f["bytes"] for f in man["files"].values()) / 2 ** 20, 2)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".manifest.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(man, f, indent=1, sort_keys=True, default=_json_default)
+        json.dump(man, f, indent=1, sort_keys=True, allow_nan=False, default=str)
         f.write("\n")
     os.replace(tmp, d / "manifest.json")
     return man
-
-
-def _json_default(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return str(v)

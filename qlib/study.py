@@ -265,7 +265,7 @@ def trained_predictor(arch: str, profile: str = "quick", *, progress: bool = Tru
     pops = populations(S, progress=progress)
     spec = {"version": population.VERSION, "profile": profile, "tokens": "probe",
             "data": cache.key({a: [r["acc"] for r in p["records"]] for a, p in pops.pops.items()}),
-            "settings": ps.fit_kwargs()}
+            "settings": ps.fit_kwargs(), "split": [list(ps.split), ps.seed]}
     path = cache.path_for("predictor", spec)
     hit = cache.load(path)
     model = predictor.AccuracyPredictor(2 * ps.bins, ps.d_model, ps.heads, ps.layers)
@@ -288,31 +288,37 @@ def build_record(profile: str = "quick", archs=models.ARCHS, *, configs_per_arch
                  progress: bool = True) -> dict:
     """Label ``profile``'s populations live (resuming from every configuration already
     cached) and write them, with the float checkpoints they were labelled on, into the
-    profile's shipped record (:mod:`qlib.record`). ``configs_per_arch`` overrides the
-    profile's sampled configurations per architecture. Returns the manifest."""
+    profile's shipped record (:mod:`qlib.record`). ``configs_per_arch`` other than the
+    profile's own count writes ``populations/<profile>-<N>configs/`` instead, a record no
+    profile reads (a trial build never overwrites the one the chapters use). Returns the
+    manifest."""
     import dataclasses
     import platform
     import subprocess
     from datetime import datetime, timezone
 
     S = experiments.setup(profile)
-    if configs_per_arch is not None:
+    target = profile
+    if configs_per_arch is not None and configs_per_arch != S.profile.predictor.configs:
         p = S.profile
         S = dataclasses.replace(S, profile=dataclasses.replace(
             p, predictor=dataclasses.replace(p.predictor, configs=configs_per_arch)))
+        target = f"{profile}-{configs_per_arch}configs"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=record.ROOT.parent, capture_output=True,
                             text=True).stdout.strip() or "unknown"
+    man = {}
     for arch in archs:
         start = time.perf_counter()
         pop = population_of(S, arch, progress=progress, shipped=False)
-        man = record.write(profile, {f"float_{arch}.pt": models.checkpoint(arch, profile),
-                                     f"{arch}.pt": record.pack(pop, record_spec(S, arch))}, {
-            "qlib_population_version": population.VERSION, "torch": torch.__version__,
-            "device": models.describe_device(S.device), "machine": platform.machine(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+        man = record.write(target, {f"float_{arch}.pt": models.checkpoint(arch, profile),
+                                    f"{arch}.pt": record.pack(pop, record_spec(S, arch))}, {
+            "qlib_population_version": population.VERSION,
             "archs": {arch: {"configs": len(pop["records"]), "float_acc": pop["float"]["acc"],
                              "label_seconds": round(pop["seconds"], 1),
-                             "wall_seconds": round(time.perf_counter() - start, 1)}}})
+                             "wall_seconds": round(time.perf_counter() - start, 1),
+                             "torch": torch.__version__, "device": models.describe_device(S.device),
+                             "machine": platform.machine(), "commit": commit,
+                             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}}})
     return man
 
 
