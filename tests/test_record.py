@@ -109,3 +109,35 @@ def test_pretrained_serves_the_shipped_checkpoint(root, tmp_cache, monkeypatch):
     # a checkpoint trained under other settings is not served (the profile's own training is)
     record.write("tiny", {"float_vgg.pt": {"state_dict": shipped.state_dict(), "info": {}, "spec": "other"}}, {})
     assert record.float_checkpoint("vgg", "tiny", key) is None
+
+
+def _tiny_setup(shipped: bool):
+    from qlib import experiments
+
+    quick = profiles.get("quick")
+    p = dataclasses.replace(quick, name="tiny", predictor=dataclasses.replace(
+        quick.predictor, configs=2, probe_images=16, shipped=shipped))
+    images = torch.randn(40, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    test = TensorDataset(images, torch.randint(0, 10, (40,)))
+    return experiments.Setup(p, test, test, test, images[:8], {"vgg": models.build("vgg").eval()}, {"vgg": 10.0},
+                             torch.device("cpu"))
+
+
+def test_a_profile_that_ships_refuses_to_label_live_and_reads_its_record(root, tmp_cache, monkeypatch):
+    from qlib import study
+
+    monkeypatch.setattr(study, "configs", lambda S, arch: [])  # no calibration runs: nothing to label
+    S = _tiny_setup(shipped=True)
+    with pytest.raises(record.RecordError, match=r"has none.*python -m qlib\.study build --profile tiny"):
+        study.population_of(S, "vgg", progress=False)
+    # a record written for this Setup's spec is what population_of returns
+    pop = _population()
+    record.write("tiny", {"vgg.pt": record.pack(pop, study.record_spec(S, "vgg"))}, {})
+    got = study.population_of(S, "vgg", progress=False)
+    assert [r["acc"] for r in got["records"]] == [r["acc"] for r in pop["records"]]
+    # ...and a record built for other float weights is refused, naming the command
+    S2 = _tiny_setup(shipped=True)
+    S2.float_models["vgg"] = models.build("vgg")
+    torch.nn.init.constant_(S2.float_models["vgg"].features[0].weight, 0.5)
+    with pytest.raises(record.RecordError, match="rebuild it"):
+        study.population_of(S2, "vgg", progress=False)
