@@ -64,8 +64,7 @@ def features(records: list[dict], kind: str, float_ref: dict | None = None) -> n
             rows.append(bits + list(r["sqnr"]) + [float(a), 1.0 / a] +
                         [float(r["config"]["rounding"] == k) for k in ROUNDINGS])
         elif kind == "agree":
-            pair = float_ref["acc"] + r["probe_acc"] - float_ref["probe_acc"]
-            rows.append([r["probe_agree"], pair, float(a), 1.0 / a] + bits)
+            rows.append([r["probe_agree"], float(paired([r], float_ref)[0]), float(a), 1.0 / a] + bits)
         else:
             raise ValueError(f"kind must be 'weights' or 'agree', got {kind!r}")
     return np.asarray(rows, dtype=float)

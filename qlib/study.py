@@ -159,8 +159,7 @@ def quantized(S: Setup, arch: str, record: dict) -> nn.Module:
 def paired_estimate(pops: Populations, arch: str, i: int) -> float:
     """Record ``i`` of ``arch``: the float model's exact top-1 plus the quantized − float
     difference on the probe images (:func:`qlib.baselines.paired`)."""
-    ref, r = pops.float_ref(arch), pops.pops[arch]["records"][i]
-    return ref["acc"] + r["probe_acc"] - ref["probe_acc"]
+    return float(baselines.paired([pops.pops[arch]["records"][i]], pops.float_ref(arch))[0])
 
 
 def fit_pooled(pops: Populations, *, source: str | Callable[[str, int], torch.Tensor] = "tokens_probe",
