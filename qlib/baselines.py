@@ -118,16 +118,17 @@ def pooled_tokens(records_by_arch: dict[str, list[dict]], key: str = "tokens_pro
 
 
 def mlp_pooled(train: dict[str, list[dict]], val: dict[str, list[dict]], test: dict[str, list[dict]],
-               key: str = "tokens_probe", seed: int = 0) -> tuple[np.ndarray, dict]:
+               key: str = "tokens_probe", seed: int = 0, grid=None) -> tuple[np.ndarray, dict]:
     """:func:`mlp` on every architecture's records at once ({arch: records}, the same
-    architectures in each), as the encoder is trained: features from :func:`pooled_tokens`.
-    Returns test predictions in ``test``'s order (architectures, then records)."""
+    architectures in each), as the encoder is trained: features from :func:`pooled_tokens`;
+    ``grid`` of (hidden sizes, L2) pairs, default MLP_GRID. Returns test predictions in
+    ``test``'s order (architectures, then records)."""
     if not (list(train) == list(val) == list(test)):
         raise ValueError("train, val and test must hold the same architectures in the same order")
     L = max(r[key].shape[0] for part in (train, val, test) for recs in part.values() for r in recs)
     X = [pooled_tokens(part, key, L) for part in (train, val, test)]
     y = [np.concatenate([labels(recs) for recs in part.values()]) for part in (train, val, test)]
-    return _mlp_fit(X[0], y[0], X[1], y[1], X[2], seed)
+    return _mlp_fit(X[0], y[0], X[1], y[1], X[2], seed, grid or MLP_GRID)
 
 
 def mlp(train: list[dict], val: list[dict], test: list[dict], key: str = "tokens_probe",
@@ -138,7 +139,7 @@ def mlp(train: list[dict], val: list[dict], test: list[dict], key: str = "tokens
     return _mlp_fit(Xtr, labels(train), Xva, labels(val), Xte, seed)
 
 
-def _mlp_fit(Xtr, ytr, Xva, yva, Xte, seed: int) -> tuple[np.ndarray, dict]:
+def _mlp_fit(Xtr, ytr, Xva, yva, Xte, seed: int, grid=MLP_GRID) -> tuple[np.ndarray, dict]:
     import warnings
 
     from sklearn.compose import TransformedTargetRegressor
@@ -153,5 +154,5 @@ def _mlp_fit(Xtr, ytr, Xva, yva, Xte, seed: int) -> tuple[np.ndarray, dict]:
 
     with warnings.catch_warnings():  # a few hundred samples: Adam stops at max_iter, by design
         warnings.simplefilter("ignore", ConvergenceWarning)
-        mae, h, m = _fit_select(make, MLP_GRID, Xtr, ytr, Xva, yva)
+        mae, h, m = _fit_select(make, grid, Xtr, ytr, Xva, yva)
     return m.predict(Xte), {"hidden": h[0], "alpha": h[1], "val_mae": mae}

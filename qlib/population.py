@@ -111,6 +111,25 @@ def sample_configs(arch: str, model: nn.Module, n: int, *, seed: int = 0, learne
     return out
 
 
+def stress_configs(arch: str, model: nn.Module, n: int, *, seed: int = 0) -> list[dict]:
+    """``n`` configurations the sampler (almost) never draws, for testing a predictor where
+    its training population is thin: nearest rounding, middle layers at 3–6 bits with one to
+    three random layers at 2, activations at 8, 5 or 4 bits (``kind`` "stress")."""
+    rng = random.Random(f"stress-{seed}-{arch}")
+    names = layer_names(model)
+    middle = names[1:-1]
+    out, seen = [], set()
+    while len(out) < n:
+        bits = {m: rng.randint(3, 6) for m in middle}
+        for m in rng.sample(middle, rng.randint(1, min(3, len(middle)))):
+            bits[m] = 2
+        cfg = _config(arch, names, bits, rng.choice((8, 5, 4)), "nearest", 0, "stress", {})
+        if config_key(cfg) not in seen:
+            seen.add(config_key(cfg))
+            out.append(cfg)
+    return out
+
+
 def _draw_bits(rng: random.Random, model: nn.Module, middle: list[str], allowed: list[int]) -> tuple[str, dict]:
     """One draw of the middle layers' widths: uniform 25%, random per layer 40%, Algorithm 1 35%."""
     u = rng.random()

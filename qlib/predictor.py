@@ -152,11 +152,17 @@ class EarlyStopping:
 
 def fit(train: tuple[list[torch.Tensor], torch.Tensor], val: tuple[list[torch.Tensor], torch.Tensor], *,
         d_model: int = 64, heads: int = 4, layers: int = 2, epochs: int = 400, patience: int = 60,
-        lr: float = 2e-3, batch_size: int = 32, seed: int = 0, position_encoding: bool = True,
-        progress: bool = True, desc: str = "predictor") -> tuple[AccuracyPredictor, dict]:
-    """Train an :class:`AccuracyPredictor` on (token sequences, top-1 %) with AdamW and an
-    MSE loss on standardised targets; early stopping on the validation configs' MAE (the
-    best epoch's weights are kept). Returns the model and its history."""
+        lr: float = 2e-3, batch_size: int = 32, weight_decay: float = 1e-2, loss: str = "mse",
+        seed: int = 0, position_encoding: bool = True, progress: bool = True,
+        desc: str = "predictor") -> tuple[AccuracyPredictor, dict]:
+    """Train an :class:`AccuracyPredictor` on (token sequences, top-1 %) with AdamW on
+    standardised targets, ``loss`` "mse" (the preprint's) or "huber" (δ = 1 standard
+    deviation: a few collapsed models cannot dominate the fit); early stopping on the
+    validation configs' MAE (the best epoch's weights are kept). Batches hold sequences of
+    one length (one architecture), so no time goes to padding. Returns the model and its
+    history."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
     (xs, y), (vxs, vy) = train, val
     if len(xs) == 0 or len(vxs) == 0:
         raise ValueError("fit() needs at least one training and one validation configuration")
@@ -168,13 +174,14 @@ def fit(train: tuple[list[torch.Tensor], torch.Tensor], val: tuple[list[torch.Te
     model = AccuracyPredictor(X.shape[2], d_model, heads, layers, position_encoding=position_encoding)
     model.y_mean.fill_(float(y.mean()))
     model.y_std.fill_(float(y.std()) if len(y) > 1 and float(y.std()) > 0 else 1.0)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    lengths = torch.tensor([len(t) for t in xs])
     stop = EarlyStopping(model.state_dict().values(), patience)
-    hist = {"train_mse": [], "val_mae": []}
+    hist = {"train_loss": [], "val_mae": []}
     start = time.perf_counter()
     bar = tqdm(range(epochs), desc=desc, leave=False, disable=not progress)
     for _ in bar:
-        hist["train_mse"].append(_epoch(model, opt, X, M, y, batch_size, g))
+        hist["train_loss"].append(_epoch(model, opt, X, M, y, lengths, batch_size, g, LOSSES[loss]))
         model.eval()
         with torch.no_grad():
             mae = float((model(VX, VM) - vy).abs().mean())
@@ -189,15 +196,24 @@ def fit(train: tuple[list[torch.Tensor], torch.Tensor], val: tuple[list[torch.Te
     return model, hist
 
 
-def _epoch(model: AccuracyPredictor, opt, X, M, y, batch_size: int, g: torch.Generator) -> float:
-    """One pass over the training configurations in a seeded order; the mean loss."""
+LOSSES = {"mse": lambda e: (e ** 2).mean(),
+          "huber": lambda e: torch.nn.functional.huber_loss(e, torch.zeros_like(e), delta=1.0)}
+
+
+def _epoch(model: AccuracyPredictor, opt, X, M, y, lengths, batch_size: int, g: torch.Generator, loss_fn) -> float:
+    """One pass over the training configurations in a seeded order, each batch of one
+    sequence length (cut to it); the mean loss."""
     model.train()
     perm = torch.randperm(len(X), generator=g)
+    batches = []
+    for L in lengths.unique().tolist():
+        same = perm[lengths[perm] == L]
+        batches += [(same[i:i + batch_size], L) for i in range(0, len(same), batch_size)]
     tot = 0.0
-    for i in range(0, len(X), batch_size):
-        idx = perm[i:i + batch_size]
-        pred = model(X[idx], M[idx])
-        loss = (((pred - y[idx]) / model.y_std) ** 2).mean()
+    for k in torch.randperm(len(batches), generator=g).tolist():
+        idx, L = batches[k]
+        pred = model(X[idx, :L], M[idx, :L])
+        loss = loss_fn((pred - y[idx]) / model.y_std)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

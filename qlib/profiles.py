@@ -68,20 +68,35 @@ class Predictor:
     probe_images: int = 256         # fixed test images whose histograms the predictor reads
     bins: int = 32                  # histogram bins per branch (a token has 2 × bins values)
     full_stride: int = 31           # full-test histograms read every 31st value (prime: no aliasing)
-    split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train / validation / test configs
+    split: tuple[float, float, float] = (0.5, 0.25, 0.25)  # train / validation / test configs
+    # configurations sharing a per-layer bit list stay on one side of the split (a held-out
+    # model never has a training twin that differs only in rounding or activation bits)
+    group: str = "bits"
+    # chapter 5's protocol: every headline number over these splits × these fitting seeds
+    split_seeds: tuple[int, ...] = (0, 1, 2)
+    fit_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     d_model: int = 64               # encoder width
     heads: int = 4
     layers: int = 2
     epochs: int = 400               # at most; early stopping on the validation configs
     patience: int = 60
-    lr: float = 2e-3
-    seed: int = 0
+    batch_size: int = 64
+    weight_decay: float = 1e-2
+    # the encoder's learning rate and loss, each target's own, chosen on the first split's
+    # validation configurations (study.encoder_settings)
+    lr_grid: tuple[float, ...] = (1e-3, 3e-3)
+    loss_grid: tuple[str, ...] = ("mse", "huber")
+    # predictor.predict's encoder: a correction to the paired probe estimate (True) or the
+    # preprint's direct regression of top-1 (False); chapter 5 measures both
+    residual: bool = True
+    seed: int = 0                   # the split and fitting seed of the one trained predictor
 
     def fit_kwargs(self, **overrides) -> dict:
         """predictor.fit()'s keyword arguments for this profile's encoder, then ``overrides``
-        (e.g. ``seed=1``, ``position_encoding=False``)."""
+        (e.g. ``seed=1``, ``lr=3e-3``, ``position_encoding=False``)."""
         return {"d_model": self.d_model, "heads": self.heads, "layers": self.layers, "epochs": self.epochs,
-                "patience": self.patience, "lr": self.lr, "seed": self.seed, **overrides}
+                "patience": self.patience, "lr": self.lr_grid[0], "batch_size": self.batch_size,
+                "weight_decay": self.weight_decay, "loss": self.loss_grid[0], "seed": self.seed, **overrides}
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,9 @@ class OneImage:
     k_images: tuple[int, ...] = (1, 10, 100, 1000)   # top-1 on k random test images
     k_draws: int = 200              # draws per k
     bn_steps: int = 500             # the BN-statistics (ZeroQ) image: Adam steps, as ZeroQ
+    # stage 2 runs the quantized models themselves: at most this many fixed-rounding records
+    # per architecture and part of chapter 5's first split (None: every record of the part)
+    population: dict | None = None
     seed: int = 0
 
 
@@ -132,6 +150,9 @@ class Ablation:
     bins_grid: tuple[int, ...] = (8, 16, 32, 64, 128)    # each divides the last: one pass, bins merged
     probe_grid: tuple[int, ...] = (16, 64, 256)          # prefixes of the probe set; the last is the profile's
     fit_seeds: tuple[int, ...] = (0, 1, 2)               # the main predictor refitted: its own spread
+    # the predictor half rebuilds every model it re-histograms: at most this many
+    # fixed-rounding records per architecture and part of chapter 5's first split (None: all)
+    population: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -187,14 +208,16 @@ PROFILES: dict[str, Profile] = {
         # a stage-2 step runs 8 quantized models on one image with gradients (~0.3 s on two
         # cores): 100 steps and two learning rates per method fit chapter 6's share
         one_image=OneImage(steps=100, batch=8, eval_every=10, patience=5, lr_grid_generator=(1e-3, 3e-3),
-                           lr_grid_image=(0.02, 0.05), real_draws=50, k_draws=50),
+                           lr_grid_image=(0.02, 0.05), real_draws=50, k_draws=50,
+                           population={"train": 30, "val": 10, "test": 10}),
         # a W3A32 run costs ~4 s and a W4A4 run ~6.5 s on two cores (quantize + 10k test
         # images): every switch at W3A32 with two seeds (weight rounding decides there); at
         # W4A4 one seed and only the switches that touch activations or the reconstruction
         # unit; the cost/benefit grid up to this profile's 100 steps
         ablation=Ablation(settings=(AblationSetting(3, None, (0, 1)),
                                     AblationSetting(4, 4, (0,), ("block", "first_last", "act_fixed"))),
-                          iters_grid=(0, 25, 100), fit_seeds=(0, 1)),
+                          iters_grid=(0, 25, 100), fit_seeds=(0, 1),
+                          population={"train": 150, "val": 50, "test": 50}),
         # one resnet18 step on 8 images at 224×224 costs ~0.85 s on two cores: 20 steps per
         # unit, lr raised so that lr·iters stays the paper's (as in `quant` above)
         own_model=OwnModel(calib_images=32, eval_images=32, iters=20, batch_size=8, lr=4e-2),

@@ -113,13 +113,29 @@ def _label_population(S: Setup, arch: str, cfgs: list[dict], pidx: torch.Tensor,
                       "tokens_probe": fl_probe["tokens"], "probe_preds": fl_probe["preds"]}}
 
 
+def label_extra(S: Setup, arch: str, cfgs: list[dict], *, progress: bool = True) -> list[dict]:
+    """Records for configurations outside ``arch``'s population (e.g.
+    :func:`qlib.population.stress_configs`), measured exactly as the population's were: the
+    same probe images, bin ranges, bins and stride; each record cached."""
+    pop = population_of(S, arch, progress=False)
+    model = S.float_models[arch]
+    images, labels = S.test_set.tensors
+    pidx = pop["probe_idx"]
+    ranges = {k: tuple(v) for k, v in pop["ranges"].items()}
+    recs, _ = population.label_all(cfgs, model, fold_bn(model).eval(), S.calib, S.test_set, images[pidx],
+                                   pop["float"]["probe_preds"], labels[pidx], ranges, pop["bins"], pop["stride"],
+                                   progress=progress, desc=f"labelling {arch} (extra)")
+    return recs
+
+
 @dataclass
 class Populations:
     """Every architecture's labelled population for one Setup, split by configuration
-    (:func:`qlib.population.split`, the profile's fractions and seed)."""
+    (:func:`qlib.population.split`: the profile's fractions and grouping, ``split_seed``)."""
     S: Setup
     pops: dict[str, dict]                      # arch → population_of(S, arch)
     index: dict[str, dict[str, list[int]]]     # arch → "train" | "val" | "test" → record indices
+    split_seed: int = 0
 
     @property
     def archs(self) -> list[str]:
@@ -142,12 +158,35 @@ class Populations:
         """The architecture of each pooled record of ``part``, aligned with :meth:`labels`."""
         return np.array([a for a in self.archs for _ in self.index[a][part]])
 
+    def resplit(self, split_seed: int) -> "Populations":
+        """The same populations under another split seed (same fractions and grouping)."""
+        ps = self.S.profile.predictor
+        return Populations(self.S, self.pops, {a: population.split(p["records"], ps.split, split_seed, group=ps.group)
+                                               for a, p in self.pops.items()}, split_seed)
 
-def populations(S: Setup, *, progress: bool = True) -> Populations:
-    """:func:`population_of` for every float model of ``S``, split by configuration."""
+    def subset(self, sizes: dict[str, int] | None, roundings=quant.FIXED, seed: int = 0) -> "Populations":
+        """At most ``sizes[part]`` records per architecture and part, drawn (seeded) among
+        those with one of ``roundings``: for chapters that rebuild a model per record (a
+        fixed rounding rebuilds in a tenth of a second; a learned one is a calibration).
+        ``sizes`` None: these populations unchanged."""
+        if sizes is None:
+            return self
+        rng = np.random.default_rng(seed)
+        index = {}
+        for a in self.archs:
+            index[a] = {}
+            for part, n in sizes.items():
+                ok = [i for i in self.index[a][part] if self.pops[a]["records"][i]["config"]["rounding"] in roundings]
+                index[a][part] = sorted(rng.permutation(ok)[:n].tolist())
+        return Populations(self.S, self.pops, index, self.split_seed)
+
+
+def populations(S: Setup, *, progress: bool = True, split_seed: int | None = None) -> Populations:
+    """:func:`population_of` for every float model of ``S``, split by configuration (the
+    profile's split seed unless ``split_seed``)."""
     ps = S.profile.predictor
     pops = {a: population_of(S, a, progress=progress) for a in S.float_models}
-    return Populations(S, pops, {a: population.split(p["records"], ps.split, ps.seed) for a, p in pops.items()})
+    return Populations(S, pops, {}, 0).resplit(ps.seed if split_seed is None else split_seed)
 
 
 def quantized(S: Setup, arch: str, record: dict) -> nn.Module:
@@ -159,7 +198,13 @@ def quantized(S: Setup, arch: str, record: dict) -> nn.Module:
 def paired_estimate(pops: Populations, arch: str, i: int) -> float:
     """Record ``i`` of ``arch``: the float model's exact top-1 plus the quantized − float
     difference on the probe images (:func:`qlib.baselines.paired`)."""
-    return float(baselines.paired([pops.pops[arch]["records"][i]], pops.float_ref(arch))[0])
+    return paired_of(pops, arch, pops.pops[arch]["records"][i])
+
+
+def paired_of(pops: Populations, arch: str, rec: dict) -> float:
+    """:func:`paired_estimate` of any record measured on ``arch``'s probe images (e.g. from
+    :func:`label_extra`)."""
+    return float(baselines.paired([rec], pops.float_ref(arch))[0])
 
 
 def fit_pooled(pops: Populations, *, source: str | Callable[[str, int], torch.Tensor] = "tokens_probe",
@@ -213,28 +258,191 @@ def train_subset(pops: Populations, arch: str, share: float) -> list[int]:
     return [tr[k] for k in order[: max(2, round(share * len(tr)))]]
 
 
+CHEAP = ("training mean", "probe top-1", "paired probe", "ridge: agreement + bits", "ridge: weights only")
+#: the encoder's two targets: the preprint's top-1, or a correction to the paired probe estimate
+TARGETS = {"top-1": False, "residual": True}
+
+
 def cheap_predictions(pops: Populations, arch: str, part: str = "test") -> dict[str, np.ndarray]:
-    """The estimates an accuracy predictor must beat (:mod:`qlib.baselines`) for ``arch``'s
-    ``part`` records, each fitted on the training records and tuned on the validation ones."""
+    """The estimates an accuracy predictor must beat (:mod:`qlib.baselines`, names in
+    :data:`CHEAP`) for ``arch``'s ``part`` records, each fitted on the training records and
+    tuned on the validation ones."""
     tr, va, te = (pops.records(arch, p) for p in ("train", "val", part))
-    ps = pops.S.profile.predictor
     return {"training mean": baselines.train_mean(tr, te),
             "probe top-1": baselines.probe_top1(te),
             "paired probe": baselines.paired(te, pops.float_ref(arch)),
             "ridge: agreement + bits": baselines.ridge(tr, va, te, "agree", pops.float_ref(arch))[0],
-            "ridge: weights only": baselines.ridge(tr, va, te, "weights")[0],
-            "MLP on tokens": baselines.mlp(tr, va, te, seed=ps.seed)[0]}
+            "ridge: weights only": baselines.ridge(tr, va, te, "weights")[0]}
 
 
-def probe_counts(S: Setup, arch: str, bins: int, keep: tuple[int, ...]) -> dict:
-    """Chapter 7: every configuration of ``arch``'s population histogrammed on the probe
-    images at ``bins`` bins, keeping the raw counts after the first n probe images for each n
-    in ``keep``, so :func:`qlib.tokens.tokens_from_counts` gives the tokens at any probe size
-    in ``keep`` and any bin count dividing ``bins``, from one pass per model (cached models,
-    cached result). Returns ``counts`` (per record, {n: L × bins}) and ``values_per_image``."""
+def _data_key(pops: Populations) -> str:
+    return cache.key({a: [r["acc"] for r in p["records"]] for a, p in pops.pops.items()})
+
+
+def _split_spec(pops: Populations) -> list:
+    ps = pops.S.profile.predictor
+    return [list(ps.split), ps.group, pops.split_seed]
+
+
+def encoder_settings(pops: Populations, *, progress: bool = True) -> dict:
+    """The encoder's learning rate and loss for each target of :data:`TARGETS`, chosen by
+    validation MAE on ``pops``'s split (fitting seed: the profile's) over the profile's
+    ``lr_grid`` × ``loss_grid``. Returns ``chosen`` ({target: {"lr", "loss"}}), ``table`` (one
+    row per grid point: validation MAE, epochs, seconds) and ``state`` (each target's chosen
+    fit, a state dict: :func:`trained_predictor` reuses it). Cached."""
+    ps = pops.S.profile.predictor
+    spec = {"version": population.VERSION, "data": _data_key(pops), "settings": ps.fit_kwargs(),
+            "grid": [list(ps.lr_grid), list(ps.loss_grid)], "split": _split_spec(pops)}
+    path = cache.path_for("encoder_settings", spec)
+    hit = cache.load(path)
+    if hit is not None:
+        return hit
+    rows, state = [], {}
+    for target, residual in TARGETS.items():
+        best = None
+        for lr in ps.lr_grid:
+            for loss in ps.loss_grid:
+                m, h = fit_pooled(pops, residual=residual, lr=lr, loss=loss, progress=progress,
+                                  desc=f"encoder ({target}, lr {lr:g}, {loss})")
+                rows.append({"target": target, "lr": lr, "loss": loss, "val_mae": h["best_val_mae"],
+                             "epochs": h["epochs_run"], "seconds": h["seconds"], "curve": h["val_mae"],
+                             "best_epoch": h["best_epoch"]})
+                if best is None or h["best_val_mae"] < best[0]:
+                    best = (h["best_val_mae"], {"lr": lr, "loss": loss}, m.state_dict())
+        state[target] = best[2]
+        rows_t = [r for r in rows if r["target"] == target]
+        for r in rows_t:
+            r["chosen"] = (r["lr"], r["loss"]) == (best[1]["lr"], best[1]["loss"])
+    out = {"chosen": {t: next({"lr": r["lr"], "loss": r["loss"]} for r in rows if r["target"] == t and r["chosen"])
+                      for t in TARGETS}, "table": rows, "state": state}
+    cache.save(out, path)
+    return out
+
+
+def evaluate(S: Setup, *, progress: bool = True) -> dict:
+    """Chapter 5's protocol: for each of the profile's ``split_seeds``, every cheap baseline
+    (:func:`cheap_predictions`, once: they have no seed), the MLP on the pooled tokens and
+    the encoder for each target of :data:`TARGETS` (settings from :func:`encoder_settings` on
+    the first split), each for every one of the profile's ``fit_seeds``, predicting the test
+    configurations. Returns ``runs`` (per split: ``split_seed``, ``y`` and ``arch`` of the
+    pooled test records, ``preds`` {method: [one array per fitting seed]}, ``val_mae``
+    {cheap method: validation MAE, to choose the strongest on validation}, ``mlp`` (its
+    chosen size and decay)), ``settings`` (:func:`encoder_settings`) and ``seconds``. Cached."""
+    ps = S.profile.predictor
+    base = populations(S, progress=progress, split_seed=ps.split_seeds[0])
+    settings = encoder_settings(base, progress=progress)
+    spec = {"version": population.VERSION, "data": _data_key(base), "settings": ps.fit_kwargs(),
+            "chosen": settings["chosen"], "split": [list(ps.split), ps.group, list(ps.split_seeds)],
+            "fit_seeds": list(ps.fit_seeds), "mlp": list(baselines.MLP_GRID), "cheap": list(CHEAP)}
+    path = cache.path_for("evaluation", spec)
+    hit = cache.load(path)
+    if hit is not None:
+        return hit
+    start = time.perf_counter()
+    runs = []
+    for k in ps.split_seeds:
+        P = base.resplit(k)
+        cheap = {a: cheap_predictions(P, a) for a in P.archs}
+        cheap_val = {a: cheap_predictions(P, a, "val") for a in P.archs}
+        y_val = P.labels("val")
+        preds = {m: [np.concatenate([cheap[a][m] for a in P.archs])] for m in CHEAP}
+        val_mae = {m: float(np.abs(np.concatenate([cheap_val[a][m] for a in P.archs]) - y_val).mean()) for m in CHEAP}
+        parts = [{a: P.records(a, part) for a in P.archs} for part in PARTS]
+        preds["MLP on tokens (pooled)"], mlp_info = [], None
+        for seed in tqdm(ps.fit_seeds, desc=f"MLP, split {k}", leave=False, disable=not progress):
+            p, info = baselines.mlp_pooled(*parts, seed=seed, grid=None if mlp_info is None else
+                                           ((mlp_info["hidden"], mlp_info["alpha"]),))
+            mlp_info = mlp_info or info
+            preds["MLP on tokens (pooled)"].append(p)
+        for target, residual in TARGETS.items():
+            name = f"encoder ({target})"
+            preds[name] = []
+            for seed in ps.fit_seeds:
+                if k == ps.split_seeds[0] and seed == ps.seed:  # the selection's own fit
+                    m = _predictor_from_state(ps, settings["state"][target])
+                else:
+                    m, _ = fit_pooled(P, residual=residual, seed=seed, progress=progress,
+                                      desc=f"{name}, split {k}, seed {seed}", **settings["chosen"][target])
+                preds[name].append(predict_part(m, P))
+        runs.append({"split_seed": k, "y": P.labels("test"), "arch": P.arch_of("test").tolist(), "preds": preds,
+                     "val_mae": val_mae, "mlp": mlp_info})
+    out = {"runs": runs, "settings": settings, "seconds": time.perf_counter() - start}
+    cache.save(out, path)
+    return out
+
+
+def _runs_of(ev: dict, method: str):
+    """(split seed, fitting seed index, y, arch, prediction) for every run of ``method``."""
+    for run in ev["runs"]:
+        for j, p in enumerate(run["preds"][method]):
+            yield run["split_seed"], j, run["y"], np.asarray(run["arch"]), p
+
+
+def run_scores(ev: dict, float_acc: dict[str, float]) -> "pd.DataFrame":  # noqa: F821
+    """One row per method and run (split × fitting seed) of :func:`evaluate`: MAE, RMSE,
+    bias, largest error and Spearman on the pooled test configurations, and MAE within
+    :data:`qlib.report.BAND_POINTS` of float, overall and per architecture."""
+    import pandas as pd
+    from scipy import stats
+
+    from qlib import report
+
+    rows = []
+    for m in ev["runs"][0]["preds"]:
+        for k, j, y, arch, p in _runs_of(ev, m):
+            near = report.near_float([float_acc[a] for a in arch], y)
+            err = p - y
+            row = {"method": m, "split": k, "seed": j, "MAE": np.abs(err).mean(), "RMSE": np.sqrt((err ** 2).mean()),
+                   "bias": err.mean(), "max": np.abs(err).max(), "Spearman": stats.spearmanr(y, p).statistic,
+                   "MAE within band": np.abs(err[near]).mean()}
+            for a in dict.fromkeys(arch):
+                sel = near & (arch == a)
+                row[f"{a} MAE within band"] = np.abs(err[sel]).mean()
+                row[f"{a} Spearman within band"] = stats.spearmanr(y[sel], p[sel]).statistic
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def versus_runs(ev: dict, a: str, b: str, float_acc: dict[str, float] | None = None) -> dict:
+    """Method ``a`` against ``b`` on every run of :func:`evaluate` (fitting seed j of ``a``
+    against seed j of ``b``, or against ``b``'s one prediction when it has no seed): each
+    run's :func:`qlib.report.mae_verdict`, and one verdict that every run agrees with
+    (:func:`qlib.report.seed_proof`). ``float_acc``: compare only the configurations within
+    the band of float. Returns ``diff`` (mean over runs of MAE(a) − MAE(b)), ``std``,
+    ``low``/``high`` (the widest bootstrap bounds over runs: an interval that includes the
+    spread over seeds and splits), ``verdict`` and ``runs``."""
+    from qlib import report
+
+    bs = {(k, j): p for k, j, *_, p in _runs_of(ev, b)}
+    out = []
+    for k, j, y, arch, p in _runs_of(ev, a):
+        q = bs.get((k, j), bs.get((k, 0)))
+        keep = (report.near_float([float_acc[x] for x in arch], y) if float_acc else np.ones(len(y), bool))
+        out.append(report.mae_verdict(y[keep], p[keep], q[keep], n_boot=1000))
+    d = np.array([v["diff"] for v in out])
+    return {"diff": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+            "low": min(v["low"] for v in out), "high": max(v["high"] for v in out),
+            "verdict": report.seed_proof(out), "runs": len(out)}
+
+
+def _predictor_from_state(ps, state: dict) -> predictor.AccuracyPredictor:
+    m = predictor.AccuracyPredictor(2 * ps.bins, ps.d_model, ps.heads, ps.layers)
+    m.load_state_dict(state)
+    return m.eval()
+
+
+def probe_counts(S: Setup, arch: str, bins: int, keep: tuple[int, ...], indices=None) -> dict:
+    """Chapter 7: configurations of ``arch``'s population (records ``indices``, default all)
+    histogrammed on the probe images at ``bins`` bins, keeping the raw counts after the
+    first n probe images for each n in ``keep``, so :func:`qlib.tokens.tokens_from_counts`
+    gives the tokens at any probe size in ``keep`` and any bin count dividing ``bins``, from
+    one pass per model (models rebuilt, result cached). Returns ``counts`` ({record index:
+    {n: L × bins}}) and ``values_per_image``."""
     pop = population_of(S, arch, progress=False)
+    indices = list(range(len(pop["records"]))) if indices is None else [int(i) for i in indices]
     spec = {"version": population.VERSION, "arch": arch, "bins": bins, "keep": list(keep),
-            "probe": pop["probe_idx"].tolist(), "configs": [population.config_key(r["config"]) for r in pop["records"]],
+            "probe": pop["probe_idx"].tolist(),
+            "configs": cache.key({"c": [population.config_key(pop["records"][i]["config"]) for i in indices]}),
             "calib": S.digest("calib"), "float": S.digest(f"model:{arch}")}
     path = cache.path_for("probe_counts", spec)
     hit = cache.load(path)
@@ -242,45 +450,46 @@ def probe_counts(S: Setup, arch: str, bins: int, keep: tuple[int, ...]) -> dict:
         return hit
     probe = S.test_set.tensors[0][pop["probe_idx"]]
     ranges = {k: tuple(v) for k, v in pop["ranges"].items()}
-    counts, vpi = [], None
-    for r in tqdm(pop["records"], desc=f"probe histograms {arch}", leave=False):
-        out = tokens.histogram_pass(quantized(S, arch, r), probe, bins, ranges, keep_counts=tuple(keep))
-        counts.append(out["counts"])
+    counts, vpi = {}, None
+    for i in tqdm(indices, desc=f"probe histograms {arch}", leave=False):
+        q = quantized(S, arch, pop["records"][i])
+        quant.freeze(q)
+        out = tokens.histogram_pass(q, probe, bins, ranges, keep_counts=tuple(keep))
+        counts[i] = out["counts"]
         vpi = out["values_per_image"]
     res = {"counts": counts, "values_per_image": vpi}
     cache.save(res, path)
     return res
 
 
-def trained_predictor(arch: str, profile: str = "quick", *, progress: bool = True) -> dict:
+def trained_predictor(arch: str, profile: str = "quick", *, residual: bool | None = None,
+                      progress: bool = True) -> dict:
     """Chapter 5's predictor for ``arch`` with everything :func:`qlib.predictor.predict` needs:
-    ``model`` (one AccuracyPredictor, probe-image tokens, trained on all three architectures'
-    training configurations), ``history``, ``probe`` (the probe images), ``ranges``, ``bins``.
-    Built (populations labelled, predictor trained) if not cached."""
+    ``model`` (one AccuracyPredictor on probe-image tokens, trained on all three
+    architectures' training configurations of the profile's split, with the settings
+    :func:`encoder_settings` chose), ``history`` (its validation MAE), ``probe`` (the probe
+    images) and their labels, the float model's test and probe top-1, ``ranges``, ``bins``.
+    ``residual``: a correction to the paired probe estimate, or the preprint's direct
+    regression (default: the profile's choice). Built (populations read or labelled,
+    predictor trained) if not cached."""
     S = experiments.setup(profile)
     if arch not in S.float_models:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {list(S.float_models)}")
     ps = S.profile.predictor
+    residual = ps.residual if residual is None else residual
+    target = next(t for t, r in TARGETS.items() if r == residual)
     pops = populations(S, progress=progress)
-    spec = {"version": population.VERSION, "profile": profile, "tokens": "probe",
-            "data": cache.key({a: [r["acc"] for r in p["records"]] for a, p in pops.pops.items()}),
-            "settings": ps.fit_kwargs(), "split": [list(ps.split), ps.seed]}
-    path = cache.path_for("predictor", spec)
-    hit = cache.load(path)
-    model = predictor.AccuracyPredictor(2 * ps.bins, ps.d_model, ps.heads, ps.layers)
-    if hit is None:
-        model, hist = fit_pooled(pops, progress=progress)
-        cache.save({"state_dict": model.state_dict(), "history": hist}, path)
-    else:
-        model.load_state_dict(hit["state_dict"])
-        hist = hit["history"]
+    settings = encoder_settings(pops, progress=progress)
+    row = next(r for r in settings["table"] if r["target"] == target and r["chosen"])
     pop = pops.pops[arch]
     images, labels = S.test_set.tensors
-    return {"model": model.eval(), "history": hist, "probe": images[pop["probe_idx"]],
-            "probe_labels": labels[pop["probe_idx"]], "float_acc": pop["float"]["acc"],
-            "float_probe_acc": pop["float"]["probe_acc"],
+    return {"model": _predictor_from_state(ps, settings["state"][target]), "target": target,
+            "settings": settings["chosen"][target], "history": {"best_val_mae": row["val_mae"], "val_mae": row["curve"],
+                                                                 "best_epoch": row["best_epoch"],
+                                                                 "epochs_run": row["epochs"], "seconds": row["seconds"]},
+            "probe": images[pop["probe_idx"]], "probe_labels": labels[pop["probe_idx"]],
+            "float_acc": pop["float"]["acc"], "float_probe_acc": pop["float"]["probe_acc"],
             "ranges": {k: tuple(v) for k, v in pop["ranges"].items()}, "bins": pop["bins"], "arch": arch}
-
 
 
 def build_record(profile: str = "quick", archs=models.ARCHS, *, configs_per_arch: int | None = None,

@@ -102,16 +102,24 @@ def test_chapter4_coding_length_and_sizes():
     assert float(v["size_min"]) < float(v["size_max"]), "ε² should move the ResNet's size"
 
 
-def test_chapter5_predictor_held_out_error():
-    """The glued held-out MAE is a real error of the encoder on configurations it never saw:
-    finite, positive, within its own bootstrap interval, and far below what always
-    predicting the float accuracy of a collapsed model would give."""
+def test_chapter5_predictor_protocol():
+    """Chapter 5 judges on enough held-out configurations, over every split × seed, and its
+    glued words are verdicts; the residual encoder keeps its promise where the population
+    is thin: on configurations the sampler never draws it is no worse than the paired
+    estimate it corrects (by more than half a point)."""
     v = _values("05_accuracy_predictor")
-    mae, lo, hi = (float(v[k]) for k in ("enc_mae", "enc_mae_lo", "enc_mae_hi"))
-    assert 0 < lo <= mae <= hi, (lo, mae, hi)
-    assert mae < 5.0, f"held-out MAE {mae:.2f} points: the predictor has not learned the population"
-    assert -1 <= float(v["enc_spearman"]) <= 1
-    assert int(v["n_test_configs"]) >= 15
+    assert int(v["min_test_configs"]) >= 200, "fewer than 200 held-out configurations per architecture"
+    assert int(v["n_runs"]) >= 15
+    for t in ("top-1", "residual"):
+        mae = float(v[f"enc_mae_{t}"])
+        assert 0 < mae < 5.0, f"{t} encoder: held-out MAE {mae:.2f} points: it has not learned the population"
+        assert float(v[f"enc_mae_sd_{t}"]) >= 0
+        assert -1 <= float(v[f"enc_rho_{t}"]) <= 1
+    words = {"'better than'", "'worse than'", "'not distinguishable from'"}
+    for k in ("vs_best_top-1", "vs_best_top-1_band", "vs_best_residual", "vs_best_residual_band",
+              "vs_mean_top-1", "vs_paired_residual", "vs_enc"):
+        assert v[k] in words, (k, v[k])
+    assert float(v["stress_residual_mae"]) <= float(v["stress_probe_mae"]) + 0.5
 
 
 def test_chapter6_one_image_error():

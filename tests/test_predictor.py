@@ -307,3 +307,68 @@ def test_a_residual_predictor_adds_its_correction_to_the_paired_estimate():
     with pytest.raises(ValueError, match="base="):
         predictor.predict_tokens(enc, [torch.rand(8, 16)])
     assert predictor.predict_tokens(enc, [torch.rand(8, 16)], base=[80.0])[0] == pytest.approx(80.5)
+
+
+def test_stress_configs_lie_outside_the_sampler():
+    m = models.build("resnet")
+    names = population.layer_names(m)
+    a = population.stress_configs("resnet", m, 15, seed=1)
+    assert a == population.stress_configs("resnet", m, 15, seed=1)
+    assert len({population.config_key(c) for c in a}) == 15
+    for c in a:
+        b = list(c["w_bits"].values())
+        assert b[0] == 8 and b[-1] == 8 and 1 <= b[1:-1].count(2) <= 3
+        assert all(3 <= x <= 6 for x in b[1:-1] if x != 2)
+        assert c["kind"] == "stress" and c["rounding"] == "nearest" and c["a_bits"] in (8, 5, 4)
+
+
+def test_fit_batches_by_length_and_takes_a_robust_loss():
+    """Sequences of two lengths (two architectures) train together, each batch of one length;
+    a Huber fit learns the same function; an unknown loss is refused."""
+    g = torch.Generator().manual_seed(1)
+
+    def make(n):
+        toks, ys = [], []
+        for k in range(n):
+            t = torch.rand(4 if k % 2 else 9, 6, generator=g)
+            toks.append(t)
+            ys.append(80 + 10 * float(t[1, 0]))
+        return toks, ys
+
+    tr, va, te = make(300), make(60), make(60)
+    for loss in ("mse", "huber"):
+        model, hist = predictor.fit(tr, va, d_model=16, heads=2, layers=1, epochs=80, patience=20, lr=3e-3,
+                                    loss=loss, progress=False)
+        mae = float(np.abs(predictor.predict_tokens(model, te[0]) - np.array(te[1])).mean())
+        assert mae < 0.5 * np.std(te[1]), (loss, mae)
+        assert len(hist["train_loss"]) == hist["epochs_run"]
+    with pytest.raises(ValueError, match="loss must be one of"):
+        predictor.fit(tr, va, loss="l1", progress=False)
+
+
+def test_protocol_verdicts_need_every_run_to_agree():
+    """study.versus_runs pairs each fitting seed with the baseline on its split and calls a
+    difference only when every run's bootstrap says so; run_scores reads every run."""
+    from qlib import study
+
+    rng = np.random.default_rng(0)
+    runs = []
+    for k in range(3):
+        y = rng.uniform(80, 90, 300)
+        arch = ["resnet"] * 150 + ["vgg"] * 150
+        good = [y + rng.normal(0, 0.3, 300) for _ in range(5)]
+        bad = y + rng.normal(0, 2.0, 300)
+        mixed = [y + rng.normal(0, 0.3 if j else 2.0, 300) for j in range(5)]  # one bad seed
+        runs.append({"split_seed": k, "y": y, "arch": arch,
+                     "preds": {"good": good, "bad": [bad], "mixed": mixed}})
+    ev = {"runs": runs}
+    fa = {"resnet": 91.0, "vgg": 91.0}
+    v = study.versus_runs(ev, "good", "bad")
+    assert v["verdict"] == "better" and v["runs"] == 15 and v["high"] < 0
+    assert study.versus_runs(ev, "bad", "good")["verdict"] == "worse"
+    # better in the 12 runs of good seeds, no different in the 3 with the bad one: no verdict
+    assert study.versus_runs(ev, "mixed", "bad")["verdict"] == "not distinguishable"
+    assert study.versus_runs(ev, "good", "bad", fa)["verdict"] == "better"
+    s = study.run_scores(ev, fa)
+    assert s.groupby("method").size().to_dict() == {"good": 15, "bad": 3, "mixed": 15}
+    assert s[s.method == "good"]["MAE"].max() < s[s.method == "bad"]["MAE"].min()
