@@ -170,6 +170,8 @@ def fit(train: tuple[list[torch.Tensor], torch.Tensor], val: tuple[list[torch.Te
     g = torch.Generator().manual_seed(seed)
     X, M = pad_tokens(xs)
     VX, VM = pad_tokens(vxs)
+    vgroups = [(torch.nonzero(vl == L).squeeze(1), L) for vl in [torch.tensor([len(t) for t in vxs])]
+               for L in vl.unique().tolist()]
     y, vy = torch.as_tensor(y, dtype=torch.float32), torch.as_tensor(vy, dtype=torch.float32)
     model = AccuracyPredictor(X.shape[2], d_model, heads, layers, position_encoding=position_encoding)
     model.y_mean.fill_(float(y.mean()))
@@ -184,7 +186,10 @@ def fit(train: tuple[list[torch.Tensor], torch.Tensor], val: tuple[list[torch.Te
         hist["train_loss"].append(_epoch(model, opt, X, M, y, lengths, batch_size, g, LOSSES[loss]))
         model.eval()
         with torch.no_grad():
-            mae = float((model(VX, VM) - vy).abs().mean())
+            pv = torch.empty_like(vy)
+            for idx, L in vgroups:  # one length at a time: no work on padding
+                pv[idx] = model(VX[idx, :L], VM[idx, :L])
+            mae = float((pv - vy).abs().mean())
         hist["val_mae"].append(mae)
         if stop.update(mae):
             break

@@ -333,7 +333,7 @@ def evaluate(S: Setup, *, progress: bool = True) -> dict:
     settings = encoder_settings(base, progress=progress)
     spec = {"version": population.VERSION, "data": _data_key(base), "settings": ps.fit_kwargs(),
             "chosen": settings["chosen"], "split": [list(ps.split), ps.group, list(ps.split_seeds)],
-            "fit_seeds": list(ps.fit_seeds), "mlp": list(baselines.MLP_GRID), "cheap": list(CHEAP)}
+            "fit_seeds": list(ps.fit_seeds), "mlp": [list(baselines.POOLED_MLP_GRID), baselines.MLP_EPOCHS], "cheap": list(CHEAP)}
     path = cache.path_for("evaluation", spec)
     hit = cache.load(path)
     if hit is not None:
@@ -387,19 +387,23 @@ def run_scores(ev: dict, float_acc: dict[str, float]) -> "pd.DataFrame":  # noqa
 
     from qlib import report
 
+    import warnings
+
     rows = []
-    for m in ev["runs"][0]["preds"]:
-        for k, j, y, arch, p in _runs_of(ev, m):
-            near = report.near_float([float_acc[a] for a in arch], y)
-            err = p - y
-            row = {"method": m, "split": k, "seed": j, "MAE": np.abs(err).mean(), "RMSE": np.sqrt((err ** 2).mean()),
-                   "bias": err.mean(), "max": np.abs(err).max(), "Spearman": stats.spearmanr(y, p).statistic,
-                   "MAE within band": np.abs(err[near]).mean()}
-            for a in dict.fromkeys(arch):
-                sel = near & (arch == a)
-                row[f"{a} MAE within band"] = np.abs(err[sel]).mean()
-                row[f"{a} Spearman within band"] = stats.spearmanr(y[sel], p[sel]).statistic
-            rows.append(row)
+    with warnings.catch_warnings():  # a constant prediction has no rank: its Spearman is NaN
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        for m in ev["runs"][0]["preds"]:
+            for k, j, y, arch, p in _runs_of(ev, m):
+                near = report.near_float([float_acc[a] for a in arch], y)
+                err = p - y
+                row = {"method": m, "split": k, "seed": j, "MAE": np.abs(err).mean(),
+                       "RMSE": np.sqrt((err ** 2).mean()), "bias": err.mean(), "max": np.abs(err).max(),
+                       "Spearman": stats.spearmanr(y, p).statistic, "MAE within band": np.abs(err[near]).mean()}
+                for a in dict.fromkeys(arch):
+                    sel = near & (arch == a)
+                    row[f"{a} MAE within band"] = np.abs(err[sel]).mean()
+                    row[f"{a} Spearman within band"] = stats.spearmanr(y[sel], p[sel]).statistic
+                rows.append(row)
     return pd.DataFrame(rows)
 
 
