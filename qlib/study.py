@@ -276,7 +276,8 @@ def cheap_predictions(pops: Populations, arch: str, part: str = "test") -> dict[
 
 
 def _data_key(pops: Populations) -> str:
-    return cache.key({a: [r["acc"] for r in p["records"]] for a, p in pops.pops.items()})
+    # the labels and what the tokens were measured with (bins, probe set, stride, float weights)
+    return cache.key({a: [[r["acc"] for r in p["records"]], record_spec(pops.S, a)] for a, p in pops.pops.items()})
 
 
 def _split_spec(pops: Populations) -> list:
@@ -329,6 +330,9 @@ def evaluate(S: Setup, *, progress: bool = True) -> dict:
     {cheap method: validation MAE, to choose the strongest on validation}, ``mlp`` (its
     chosen size and decay)), ``settings`` (:func:`encoder_settings`) and ``seconds``. Cached."""
     ps = S.profile.predictor
+    if ps.split_seeds[0] != ps.seed or ps.seed not in ps.fit_seeds:
+        raise ValueError("the profile's seed must be its first split seed and one of its fitting seeds: "
+                         "the trained predictor is the protocol's first split at that seed")
     base = populations(S, progress=progress, split_seed=ps.split_seeds[0])
     settings = encoder_settings(base, progress=progress)
     spec = {"version": population.VERSION, "data": _data_key(base), "settings": ps.fit_kwargs(),
