@@ -265,7 +265,7 @@ TARGETS = {"top-1": False, "residual": True}
 
 def cheap_predictions(pops: Populations, arch: str, part: str = "test") -> dict[str, np.ndarray]:
     """The estimates an accuracy predictor must beat (:mod:`qlib.baselines`, names in
-    :data:`CHEAP`) for ``arch``'s ``part`` records, each fitted on the training records and
+    ``CHEAP``) for ``arch``'s ``part`` records, each fitted on the training records and
     tuned on the validation ones."""
     tr, va, te = (pops.records(arch, p) for p in ("train", "val", part))
     return {"training mean": baselines.train_mean(tr, te),
@@ -286,7 +286,7 @@ def _split_spec(pops: Populations) -> list:
 
 
 def encoder_settings(pops: Populations, *, progress: bool = True) -> dict:
-    """The encoder's learning rate and loss for each target of :data:`TARGETS`, chosen by
+    """The encoder's learning rate and loss for each target of ``TARGETS``, chosen by
     validation MAE on ``pops``'s split (fitting seed: the profile's) over the profile's
     ``lr_grid`` × ``loss_grid``. Returns ``chosen`` ({target: {"lr", "loss"}}), ``table`` (one
     row per grid point: validation MAE, epochs, seconds) and ``state`` (each target's chosen
@@ -323,7 +323,7 @@ def encoder_settings(pops: Populations, *, progress: bool = True) -> dict:
 def evaluate(S: Setup, *, progress: bool = True) -> dict:
     """Chapter 5's protocol: for each of the profile's ``split_seeds``, every cheap baseline
     (:func:`cheap_predictions`, once: they have no seed), the MLP on the pooled tokens and
-    the encoder for each target of :data:`TARGETS` (settings from :func:`encoder_settings` on
+    the encoder for each target of ``TARGETS`` (settings from :func:`encoder_settings` on
     the first split), each for every one of the profile's ``fit_seeds``, predicting the test
     configurations. Returns ``runs`` (per split: ``split_seed``, ``y`` and ``arch`` of the
     pooled test records, ``preds`` {method: [one array per fitting seed]}, ``val_mae``
