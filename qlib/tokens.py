@@ -84,8 +84,13 @@ def token_from_counts(counts: torch.Tensor, n_images: float, values_per_image: f
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    """All of ``t``'s values as a 1-D view, without a copy for channels-last maps too."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    """All of ``t``'s values as a 1-D tensor, a feature map's in channels-last order (N, H,
+    W, C) whatever its memory format: a view for the channels-last maps histogram_pass asks
+    for, a copy where a backend returns NCHW. The order is fixed because a ``stride`` > 1
+    reads every stride-th value of it: read in memory order, a machine whose convolution
+    kernels return another format would sample other values (token differences ~1e-2,
+    seen with oneDNN switched off), not the same values with last-bit noise."""
+    if t.dim() == 4:
         t = t.permute(0, 2, 3, 1)
     return t.reshape(-1)
 
@@ -111,7 +116,8 @@ def histogram_pass(model: nn.Module, images: torch.Tensor, bins: int, ranges: di
                    keep_counts: tuple[int, ...] = ()) -> dict:
     """One forward pass over ``images`` that histograms every token layer's output and keeps
     the predictions. ``stride`` > 1 histograms every stride-th value of each map (an
-    unbiased estimate for the full test set at a fraction of the cost). Returns
+    unbiased estimate for the full test set at a fraction of the cost; the values in (N, H,
+    W, C) order, whatever memory format a backend returns). Returns
     ``tokens`` (L × 2·bins), ``preds`` (N), ``acc`` (% if ``labels`` given) and ``seconds``;
     with ``keep_counts`` = (16, 64, …) also ``counts`` {n: L × bins raw counts over the first
     n images} and ``values_per_image`` (V per layer), from which :func:`tokens_from_counts`
@@ -168,6 +174,26 @@ def tokens_from_counts(counts: torch.Tensor, n_images: int, values_per_image: li
         raise ValueError(f"merge must be a positive divisor of the {counts.shape[1]} bins, got {merge!r}")
     merged = counts.reshape(counts.shape[0], -1, merge).sum(2)
     return torch.stack([token_from_counts(c, n_images, v) for c, v in zip(merged, values_per_image)])
+
+
+#: How far one model's tokens, measured on two machines, may differ: in any one value, and
+#: on average over a token tensor. Not zero: where two machines' convolution kernels differ
+#: (oneDNN picks them by CPU), a value at a bin edge can land in the next bin, and with
+#: quantized activations a value at a rounding threshold on the next level; the shipped
+#: record's float16 storage adds at most 2.4e-4. Measured against the shipped record with
+#: oneDNN switched off (the most different kernels one machine has): at most 2.8e-3 in one
+#: value, 7e-5 on average. Tokens read from other values fail the mean: the memory-order
+#: slip that ``_flat`` now rules out gave 8e-4 on average.
+SAME_MAX, SAME_MEAN = 5e-3, 2e-4
+
+
+def difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """The largest and the mean absolute difference between two token tensors of one shape
+    (compare with :data:`SAME_MAX` and :data:`SAME_MEAN`)."""
+    if a.shape != b.shape:
+        raise ValueError(f"token tensors of different shapes: {tuple(a.shape)} and {tuple(b.shape)}")
+    d = (a.float() - b.float()).abs()
+    return float(d.max()), float(d.mean())
 
 
 def layer_histograms(model: nn.Module, images: torch.Tensor, bins: int,

@@ -262,6 +262,28 @@ def test_pooled_mlp_pads_architectures_and_learns_across_them():
         baselines.mlp_pooled(parts[0], {"b": parts[1]["b"], "a": parts[1]["a"]}, parts[2])
 
 
+def test_a_strided_pass_reads_the_same_values_whatever_memory_format_a_backend_returns():
+    """histogram_pass reads every stride-th value of a map: in (N, H, W, C) order whether a
+    convolution kernel returns the map channels-last or NCHW (which one depends on the
+    backend and the CPU), so two machines sample the same values."""
+    t = torch.randn(2, 5, 3, 4)
+    nhwc = t.permute(0, 2, 3, 1).reshape(-1)
+    assert torch.equal(tokens._flat(t.contiguous()), nhwc)
+    assert torch.equal(tokens._flat(t.contiguous(memory_format=torch.channels_last)), nhwc)
+    assert torch.equal(tokens._flat(torch.arange(6.0).reshape(2, 3)), torch.arange(6.0))
+
+
+def test_token_difference_is_max_and_mean_and_refuses_other_shapes():
+    a = torch.zeros(3, 4)
+    b = a.clone()
+    b[0, 0] = 0.004
+    worst, mean = tokens.difference(a, b)
+    assert worst == pytest.approx(0.004) and mean == pytest.approx(0.004 / 12)
+    assert worst <= tokens.SAME_MAX and mean > tokens.SAME_MEAN  # alone it passes SAME_MAX; in 1 of 12 values it fails the mean
+    with pytest.raises(ValueError, match="different shapes"):
+        tokens.difference(a, torch.zeros(4, 3))
+
+
 def test_kept_counts_give_the_tokens_of_fewer_images_and_bins(tiny):
     """Chapter 7's probe-size and bin ablations come from one pass: the counts kept after
     the first n images, merged 2 → 1 bins, equal a fresh pass over those n at half the bins."""
@@ -372,3 +394,14 @@ def test_protocol_verdicts_need_every_run_to_agree():
     s = study.run_scores(ev, fa)
     assert s.groupby("method").size().to_dict() == {"good": 15, "bad": 3, "mixed": 15}
     assert s[s.method == "good"]["MAE"].max() < s[s.method == "bad"]["MAE"].min()
+
+
+def test_each_target_gets_its_own_encoder_size_and_a_typo_is_refused():
+    from qlib import profiles
+
+    ps = profiles.get("quick").predictor
+    assert set(ps.size("top-1")) == {"d_model", "heads", "layers", "weight_decay"}
+    assert ps.fit_kwargs("top-1")["weight_decay"] == ps.size("top-1")["weight_decay"]
+    assert ps.fit_kwargs("residual", weight_decay=0.5)["weight_decay"] == 0.5
+    with pytest.raises(ValueError, match="unknown target"):
+        ps.size("top1")
