@@ -82,6 +82,11 @@ class Predictor:
     patience: int = 60
     batch_size: int = 64
     weight_decay: float = 1e-2
+    # per target of study.TARGETS, the width, heads, depth and weight decay that replace the
+    # four above, chosen on the first split's validation configurations by
+    # benchmarks/encoder_tuning.py (its record: populations/<profile>/encoder_tuning.json;
+    # a test holds this to it). Empty: the four above for both targets
+    target_sizes: dict = field(default_factory=dict)
     # the encoder's learning rate and loss, each target's own, chosen on the first split's
     # validation configurations (study.encoder_settings)
     lr_grid: tuple[float, ...] = (1e-3, 3e-3)
@@ -91,12 +96,19 @@ class Predictor:
     residual: bool = True
     seed: int = 0                   # the split and fitting seed of the one trained predictor
 
-    def fit_kwargs(self, **overrides) -> dict:
-        """predictor.fit()'s keyword arguments for this profile's encoder, then ``overrides``
-        (e.g. ``seed=1``, ``lr=3e-3``, ``position_encoding=False``)."""
-        return {"d_model": self.d_model, "heads": self.heads, "layers": self.layers, "epochs": self.epochs,
-                "patience": self.patience, "lr": self.lr_grid[0], "batch_size": self.batch_size,
-                "weight_decay": self.weight_decay, "loss": self.loss_grid[0], "seed": self.seed, **overrides}
+    def size(self, target: str) -> dict:
+        """The encoder's ``d_model``, ``heads``, ``layers`` and ``weight_decay`` for ``target``
+        (a key of study.TARGETS: "top-1" or "residual")."""
+        if target not in ("top-1", "residual"):
+            raise ValueError(f"unknown target {target!r}; choose 'top-1' or 'residual'")
+        return {"d_model": self.d_model, "heads": self.heads, "layers": self.layers,
+                "weight_decay": self.weight_decay, **self.target_sizes.get(target, {})}
+
+    def fit_kwargs(self, target: str, **overrides) -> dict:
+        """predictor.fit()'s keyword arguments for this profile's encoder of ``target``, then
+        ``overrides`` (e.g. ``seed=1``, ``lr=3e-3``, ``position_encoding=False``)."""
+        return {**self.size(target), "epochs": self.epochs, "patience": self.patience, "lr": self.lr_grid[0],
+                "batch_size": self.batch_size, "loss": self.loss_grid[0], "seed": self.seed, **overrides}
 
 
 @dataclass(frozen=True)
@@ -205,12 +217,15 @@ PROFILES: dict[str, Profile] = {
         # cores, 8–16 s with a learned rounding): this many fit chapter 5 in its share of
         # the CI budget
         # the population is shipped (populations/quick/: labelling its 3,000 configurations
-        # takes hours on two cores). The encoder costs a quarter of the paper's: chapter 5 fits
-        # it 35 times, and in a trial on ResNet's records (first split, validation MAE) width 32
-        # with one block did as well as 64 × 2 (residual target 0.544 vs 0.541, top-1 target
-        # 0.85 vs 0.89 points); at most 100 epochs (a fit ~8 s on two cores)
-        predictor=Predictor(configs=1000, learned_share=0.1, shipped=True, d_model=32, heads=2, layers=1,
-                            epochs=100, patience=20, lr_grid=(3e-3,)),
+        # takes hours on two cores). Chapter 5 fits the encoder 35 times, one per core at once
+        # (qlib.parallel: 2.2× faster on two cores, benchmarks/encoder_fits.py): at most 100
+        # epochs, one learning rate; width, depth and weight decay per target from
+        # benchmarks/encoder_tuning.py (3 widths × 2 depths × 3 decays, validation MAE of the
+        # first split, two seeds; the cheapest point within one standard error of the best:
+        # width 16 for both, two blocks for the top-1 target, one for the residual)
+        predictor=Predictor(configs=1000, learned_share=0.1, shipped=True, d_model=16, heads=2, layers=2,
+                            epochs=100, patience=20, lr_grid=(3e-3,),
+                            target_sizes={"top-1": {"weight_decay": 1e-3}, "residual": {"layers": 1, "weight_decay": 1e-3}}),
         # a stage-2 step runs 8 quantized models on one image with gradients (~0.3 s on two
         # cores): 100 steps and two learning rates per method fit chapter 6's share
         one_image=OneImage(steps=100, batch=8, eval_every=10, patience=5, lr_grid_generator=(1e-3, 3e-3),

@@ -12,6 +12,7 @@ chapter 5's trained predictor — built from :mod:`qlib.population`, :mod:`qlib.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from qlib import baselines, cache, experiments, models, population, predictor, quant, record, tokens
+from qlib import baselines, cache, experiments, models, parallel, population, predictor, quant, record, tokens
 from qlib.experiments import Setup
 from qlib.graph import fold_bn
 
@@ -229,7 +230,7 @@ def fit_pooled(pops: Populations, *, source: str | Callable[[str, int], torch.Te
     train = xy(lambda a: (train_index or {}).get(a, pops.index[a]["train"]))
     val = xy(lambda a: pops.index[a]["val"])
     model, hist = predictor.fit(train, val, progress=progress,
-                                **pops.S.profile.predictor.fit_kwargs(desc=desc, **overrides))
+                                **pops.S.profile.predictor.fit_kwargs(_target(residual), desc=desc, **overrides))
     model.residual.fill_(int(residual))
     return model, hist
 
@@ -263,6 +264,31 @@ CHEAP = ("training mean", "probe top-1", "paired probe", "ridge: agreement + bit
 TARGETS = {"top-1": False, "residual": True}
 
 
+def _target(residual: bool) -> str:
+    return next(t for t, r in TARGETS.items() if r == bool(residual))
+
+
+def _settings_spec(ps) -> dict:
+    return {t: ps.fit_kwargs(t) for t in TARGETS}
+
+
+def smallest_within_one_se(rows: list[dict]) -> dict:
+    """A variant of the one-standard-error rule (Hastie, Tibshirani & Friedman, ESL §7.10) over
+    a grid of encoder fits: among the rows (``val_mae`` and ``val_mae_std`` over ``n`` fitting
+    seeds, ``val_mae_seeds``) whose validation MAE is within one standard error of the best,
+    the cheapest: fewest blocks, then narrowest, then lowest MAE. ESL takes the best model's
+    own standard error; with two seeds per point that is itself too noisy, so here it is the
+    seed-to-seed std averaged over the grid (a mean of stds: one diverged fit does not
+    dominate it), over √n. A grid point that is better only by noise does not buy a slower
+    encoder."""
+    if len(rows[0]["val_mae_seeds"]) < 2:
+        raise ValueError("the one-standard-error rule needs at least two fitting seeds per grid point")
+    best = min(r["val_mae"] for r in rows)
+    se = float(np.mean([r["val_mae_std"] for r in rows])) / np.sqrt(len(rows[0]["val_mae_seeds"]))
+    return min((r for r in rows if r["val_mae"] <= best + se),
+               key=lambda r: (r["layers"], r["d_model"], r["val_mae"]))
+
+
 def cheap_predictions(pops: Populations, arch: str, part: str = "test") -> dict[str, np.ndarray]:
     """The estimates an accuracy predictor must beat (:mod:`qlib.baselines`, names in
     ``CHEAP``) for ``arch``'s ``part`` records, each fitted on the training records and
@@ -292,24 +318,26 @@ def encoder_settings(pops: Populations, *, progress: bool = True) -> dict:
     row per grid point: validation MAE, epochs, seconds) and ``state`` (each target's chosen
     fit, a state dict: :func:`trained_predictor` reuses it). Cached."""
     ps = pops.S.profile.predictor
-    spec = {"version": population.VERSION, "data": _data_key(pops), "settings": ps.fit_kwargs(),
+    spec = {"version": population.VERSION, "data": _data_key(pops), "settings": _settings_spec(ps),
             "grid": [list(ps.lr_grid), list(ps.loss_grid)], "split": _split_spec(pops)}
     path = cache.path_for("encoder_settings", spec)
     hit = cache.load(path)
     if hit is not None:
         return hit
+    grid = [(target, lr, loss) for target in TARGETS for lr in ps.lr_grid for loss in ps.loss_grid]
+    fits = parallel.map_forked([functools.partial(_fit_for_settings, pops, TARGETS[t], lr=lr, loss=loss)
+                                for t, lr, loss in grid], desc="encoder settings", progress=progress)
     rows, state = [], {}
-    for target, residual in TARGETS.items():
+    for target in TARGETS:
         best = None
-        for lr in ps.lr_grid:
-            for loss in ps.loss_grid:
-                m, h = fit_pooled(pops, residual=residual, lr=lr, loss=loss, progress=progress,
-                                  desc=f"encoder ({target}, lr {lr:g}, {loss})")
-                rows.append({"target": target, "lr": lr, "loss": loss, "val_mae": h["best_val_mae"],
-                             "epochs": h["epochs_run"], "seconds": h["seconds"], "curve": h["val_mae"],
-                             "best_epoch": h["best_epoch"]})
-                if best is None or h["best_val_mae"] < best[0]:
-                    best = (h["best_val_mae"], {"lr": lr, "loss": loss}, m.state_dict())
+        for (t, lr, loss), (h, sd) in zip(grid, fits):
+            if t != target:
+                continue
+            rows.append({"target": target, "lr": lr, "loss": loss, "val_mae": h["best_val_mae"],
+                         "epochs": h["epochs_run"], "seconds": h["seconds"], "curve": h["val_mae"],
+                         "best_epoch": h["best_epoch"]})
+            if best is None or h["best_val_mae"] < best[0]:
+                best = (h["best_val_mae"], {"lr": lr, "loss": loss}, {k: torch.from_numpy(v) for k, v in sd.items()})
         state[target] = best[2]
         rows_t = [r for r in rows if r["target"] == target]
         for r in rows_t:
@@ -335,7 +363,7 @@ def evaluate(S: Setup, *, progress: bool = True) -> dict:
                          "the trained predictor is the protocol's first split at that seed")
     base = populations(S, progress=progress, split_seed=ps.split_seeds[0])
     settings = encoder_settings(base, progress=progress)
-    spec = {"version": population.VERSION, "data": _data_key(base), "settings": ps.fit_kwargs(),
+    spec = {"version": population.VERSION, "data": _data_key(base), "settings": _settings_spec(ps),
             "chosen": settings["chosen"], "split": [list(ps.split), ps.group, list(ps.split_seeds)],
             "fit_seeds": list(ps.fit_seeds), "mlp": [list(baselines.POOLED_MLP_GRID), baselines.MLP_EPOCHS], "cheap": list(CHEAP)}
     path = cache.path_for("evaluation", spec)
@@ -343,7 +371,7 @@ def evaluate(S: Setup, *, progress: bool = True) -> dict:
     if hit is not None:
         return hit
     start = time.perf_counter()
-    runs = []
+    runs, jobs = [], []
     for k in ps.split_seeds:
         P = base.resplit(k)
         cheap = {a: cheap_predictions(P, a) for a in P.archs}
@@ -358,21 +386,37 @@ def evaluate(S: Setup, *, progress: bool = True) -> dict:
                                            ((mlp_info["hidden"], mlp_info["alpha"]),))
             mlp_info = mlp_info or info
             preds["MLP on tokens (pooled)"].append(p)
-        for target, residual in TARGETS.items():
-            name = f"encoder ({target})"
-            preds[name] = []
-            for seed in ps.fit_seeds:
-                if k == ps.split_seeds[0] and seed == ps.seed:  # the selection's own fit
-                    m = _predictor_from_state(ps, settings["state"][target])
-                else:
-                    m, _ = fit_pooled(P, residual=residual, seed=seed, progress=progress,
-                                      desc=f"{name}, split {k}, seed {seed}", **settings["chosen"][target])
-                preds[name].append(predict_part(m, P))
         runs.append({"split_seed": k, "y": P.labels("test"), "arch": P.arch_of("test").tolist(), "preds": preds,
                      "val_mae": val_mae, "mlp": mlp_info})
+        for target, residual in TARGETS.items():
+            preds[f"encoder ({target})"] = [None] * len(ps.fit_seeds)
+            for j, seed in enumerate(ps.fit_seeds):
+                if k == ps.split_seeds[0] and seed == ps.seed:  # the selection's own fit
+                    m = _predictor_from_state(ps, settings["state"][target], target)
+                    preds[f"encoder ({target})"][j] = predict_part(m, P)
+                else:
+                    jobs.append((len(runs) - 1, target, j, functools.partial(
+                        _fit_and_predict, P, residual, seed=seed, **settings["chosen"][target])))
+    # the encoder fits, independent of one another: side by side, one per core
+    done = parallel.map_forked([job[-1] for job in jobs], desc="encoder fits", progress=progress)
+    for (r, target, j, _), pred in zip(jobs, done):
+        runs[r]["preds"][f"encoder ({target})"][j] = pred
     out = {"runs": runs, "settings": settings, "seconds": time.perf_counter() - start}
     cache.save(out, path)
     return out
+
+
+def _fit_for_settings(pops: Populations, residual: bool, **fit) -> tuple[dict, dict]:
+    """:func:`fit_pooled`'s history and the model's state as NumPy arrays (they come back
+    from a worker pickled by value)."""
+    model, hist = fit_pooled(pops, residual=residual, progress=False, **fit)
+    return hist, {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def _fit_and_predict(pops: Populations, residual: bool, **fit) -> np.ndarray:
+    """:func:`fit_pooled` (no progress bar: it may run in a worker) and the fit's test predictions."""
+    model, _ = fit_pooled(pops, residual=residual, progress=False, **fit)
+    return predict_part(model, pops)
 
 
 def _runs_of(ev: dict, method: str):
@@ -433,8 +477,9 @@ def versus_runs(ev: dict, a: str, b: str, float_acc: dict[str, float] | None = N
             "verdict": report.seed_proof(out), "runs": len(out)}
 
 
-def _predictor_from_state(ps, state: dict) -> predictor.AccuracyPredictor:
-    m = predictor.AccuracyPredictor(2 * ps.bins, ps.d_model, ps.heads, ps.layers)
+def _predictor_from_state(ps, state: dict, target: str) -> predictor.AccuracyPredictor:
+    size = ps.size(target)
+    m = predictor.AccuracyPredictor(2 * ps.bins, size["d_model"], size["heads"], size["layers"])
     m.load_state_dict(state)
     return m.eval()
 
@@ -485,13 +530,13 @@ def trained_predictor(arch: str, profile: str = "quick", *, residual: bool | Non
         raise ValueError(f"unknown architecture {arch!r}; choose one of {list(S.float_models)}")
     ps = S.profile.predictor
     residual = ps.residual if residual is None else residual
-    target = next(t for t, r in TARGETS.items() if r == residual)
+    target = _target(residual)
     pops = populations(S, progress=progress)
     settings = encoder_settings(pops, progress=progress)
     row = next(r for r in settings["table"] if r["target"] == target and r["chosen"])
     pop = pops.pops[arch]
     images, labels = S.test_set.tensors
-    return {"model": _predictor_from_state(ps, settings["state"][target]), "target": target,
+    return {"model": _predictor_from_state(ps, settings["state"][target], target), "target": target,
             "settings": settings["chosen"][target], "history": {"best_val_mae": row["val_mae"], "val_mae": row["curve"],
                                                                  "best_epoch": row["best_epoch"],
                                                                  "epochs_run": row["epochs"], "seconds": row["seconds"]},
