@@ -138,13 +138,25 @@ class ImageGenerator(nn.Module):
         self.decoder = nn.TransformerDecoder(dec, dec_layers)  # no causal mask: bidirectional
         self.ln = nn.LayerNorm(d_model)
         self.to_pixels = nn.Linear(d_model, C * patch * patch)
-        # a per-pixel output bias, started at ``init_image`` (e.g. the data's mean image) so
-        # that training starts from an image in the data's range rather than mid-grey
+        # zero head: at initialisation the image is exactly sigmoid(pixel_bias), the
+        # ``init_image`` (e.g. the data's mean image), not that image plus the decoder's
+        # random output (~0.9 in pixels at most with a default-initialised head). The
+        # head's weights still get a gradient (the decoder's output), so training moves off it
+        nn.init.zeros_(self.to_pixels.weight)
+        nn.init.zeros_(self.to_pixels.bias)
         self.pixel_bias = nn.Parameter(torch.zeros(1, C, H, W))
         if init_image is not None:
             with torch.no_grad():
                 self.pixel_bias.copy_(image_to_logits(init_image.reshape(1, C, H, W), self.lo, self.hi))
         self.token_dim = token_dim
+
+    def param_groups(self, lr: float, pixel_lr: float) -> list[dict]:
+        """Adam's parameter groups for stage 2: the network at ``lr`` and the per-pixel
+        bias at ``pixel_lr``. A network learning rate (~1e-3) moves the bias ~lr logits a
+        step, a tenth of what a free image moves at its own rate; with the free image's
+        rate here the generator can reach at least every image the free image reaches."""
+        rest = [p for n, p in self.named_parameters() if n != "pixel_bias"]
+        return [{"params": rest, "lr": lr}, {"params": [self.pixel_bias], "lr": pixel_lr}]
 
     def forward(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: L × token_dim (or B × L × token_dim) → B × C × H × W."""
@@ -212,12 +224,19 @@ def stage2(params: Iterable[nn.Parameter], make_images: Callable[[], dict], judg
     the judge's standardised units, ``batch`` models per step. ``train`` and ``val`` are
     lists of (arch, quantized model, top-1 %); every ``eval_every`` steps the validation MAE
     (hard histograms) is measured and the best parameters kept (early stopping after
-    ``patience`` evaluations without improvement). Returns the history."""
+    ``patience`` evaluations without improvement). ``params``: tensors, or Adam's parameter
+    groups (dicts with "params" and their own "lr", e.g. :meth:`ImageGenerator.param_groups`).
+    Returns the history."""
     _check_stage2_entries(train, val)
     if int(getattr(judge, "residual", 0)):
         raise ValueError("stage 2 needs a judge that predicts top-1 itself; this one corrects the paired "
                          "probe estimate (study.fit_pooled(residual=True)), which one image cannot give")
-    params = list(params)
+    groups = list(params)
+    if not groups:
+        raise ValueError("stage 2 needs parameters to train")
+    if not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    params = [p for g in groups for p in g["params"]]
     judge.eval().requires_grad_(False)
     for _, q, _ in list(train) + list(val):
         q.eval().requires_grad_(False)
@@ -225,7 +244,7 @@ def stage2(params: Iterable[nn.Parameter], make_images: Callable[[], dict], judg
     rng = np.random.default_rng(seed)
     y = torch.tensor([float(t) for _, _, t in train])
     vy = np.array([float(t) for _, _, t in val])
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(groups, lr=lr)
     stop = EarlyStopping(params, patience)
     hist = {"step": [], "loss": [], "eval_step": [], "val_mae": []}
     start = time.perf_counter()

@@ -165,6 +165,43 @@ def histogram_pass(model: nn.Module, images: torch.Tensor, bins: int, ranges: di
     return out
 
 
+@torch.no_grad()
+def per_image_counts(model: nn.Module, images: torch.Tensor, bins: int, ranges: dict[str, tuple[float, float]],
+                     *, batch_size: int = 250) -> tuple[torch.Tensor, list[int]]:
+    """Every image's own raw counts in every token layer: N × L × bins, and the values per
+    image of each layer. The counts of a set of images are the sum of its rows, so
+    :func:`tokens_from_counts` gives the tokens of any subset of ``images`` from this one
+    pass (chapter 6 trains a predictor on tokens of random subsets of 1 to P images)."""
+    check_bins(bins)
+    check_images(model, images)
+    names = token_layers(model)
+    check_ranges(names, ranges)
+    for n in names:
+        histogram_counts(torch.zeros(1), bins, *ranges[n])  # checks every range once
+    counts = torch.zeros(len(images), len(names), bins)
+    per_image, at = {}, [0]
+
+    def make_hook(k, n):
+        lo, hi = ranges[n]
+
+        def hook(mod, inp, out):
+            per_image[n] = out[0].numel()
+            for b in range(len(out)):
+                counts[at[0] + b, k] = torch.histc(out[b].reshape(-1).clamp(lo, hi), bins=bins, min=lo, max=hi)
+        return hook
+
+    was_training = model.training
+    model.eval()
+    try:
+        with forward_hooks((model.get_submodule(n), make_hook(k, n)) for k, n in enumerate(names)):
+            for i in range(0, len(images), batch_size):
+                at[0] = i
+                model(images[i:i + batch_size])
+    finally:
+        model.train(was_training)
+    return counts, [per_image[n] for n in names]
+
+
 def tokens_from_counts(counts: torch.Tensor, n_images: int, values_per_image: list[int],
                        merge: int = 1) -> torch.Tensor:
     """Tokens (L × 2·bins/merge) from raw per-layer counts (L × bins, as histogram_pass's

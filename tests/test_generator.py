@@ -58,11 +58,28 @@ def test_image_tokens_equal_the_hard_histograms_and_reach_the_pixels(small):
 def test_generator_output_shape_and_range(shape):
     lo, hi = torch.full((shape[0],), -0.8), torch.linspace(1.0, 2.0, shape[0])
     G = generator.ImageGenerator(16, shape, (lo, hi), d_model=32, heads=2)
-    x = G(torch.rand(7, 16))
+    tok = torch.rand(7, 16)
+    x = G(tok)
     assert x.shape == (1, *shape)
     assert (x >= lo.view(1, -1, 1, 1)).all() and (x <= hi.view(1, -1, 1, 1)).all()
-    x.sum().backward()
+    opt = torch.optim.Adam(G.parameters(), lr=1e-2)
+    for _ in range(2):  # the head starts at zero: after one step the encoder's input matters
+        opt.zero_grad()
+        G(tok).square().sum().backward()
+        opt.step()
     assert G.embed.weight.grad.abs().sum() > 0, "the image depends on the encoder's input"
+    assert not torch.allclose(G(tok), G(torch.rand(7, 16)))
+
+
+def test_generator_starts_exactly_at_its_init_image():
+    lo, hi = torch.tensor([-0.8]), torch.tensor([2.0])
+    init = torch.rand(1, 28, 28) * 2.5 - 0.7          # inside the range, away from its ends
+    G = generator.ImageGenerator(16, (1, 28, 28), (lo, hi), d_model=32, heads=2, init_image=init, seed=3)
+    for tok in (torch.rand(7, 16), torch.rand(12, 16) * 5):
+        assert torch.allclose(G(tok)[0], init, atol=1e-5), "the decoder adds nothing at initialisation"
+    groups = G.param_groups(1e-3, 0.05)
+    assert [g["lr"] for g in groups] == [1e-3, 0.05] and groups[1]["params"] == [G.pixel_bias]
+    assert sum(len(g["params"]) for g in groups) == len(list(G.parameters()))
 
 
 def _truth_predictor(small, bins=8):

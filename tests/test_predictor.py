@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from qlib import baselines, models, population, predictor, report, tokens
+from qlib import baselines, models, population, predictor, quant, report, tokens
 
 
 # --- tokens --------------------------------------------------------------------------------
@@ -405,3 +405,19 @@ def test_each_target_gets_its_own_encoder_size_and_a_typo_is_refused():
     assert ps.fit_kwargs("residual", weight_decay=0.5)["weight_decay"] == 0.5
     with pytest.raises(ValueError, match="unknown target"):
         ps.size("top1")
+
+
+def test_per_image_counts_sum_to_the_tokens_of_any_subset():
+    torch.manual_seed(0)
+    m = models.build("resnet").eval()
+    imgs = torch.randn(12, 1, 28, 28)
+    ranges = tokens.float_ranges(m, imgs)
+    q = quant.quantize(m, imgs, w_bits=4, a_bits=6, rounding="nearest", progress=False)
+    counts, vpi = tokens.per_image_counts(q, imgs, 16, ranges, batch_size=5)
+    assert counts.shape == (12, len(tokens.token_layers(q)), 16)
+    assert torch.equal(counts.sum(2), torch.tensor(vpi, dtype=torch.float32).expand(12, -1)), \
+        "each image's counts hold every one of its values"
+    for subset in ([3], [0, 7, 11], list(range(12))):
+        got = tokens.tokens_from_counts(counts[subset].sum(0), len(subset), vpi)
+        want = tokens.layer_histograms(q, imgs[subset], 16, ranges)
+        assert tokens.difference(got, want)[0] < 1e-5, subset
