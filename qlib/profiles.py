@@ -127,8 +127,14 @@ class OneImage:
     # learning rates tried on the validation configurations, each method its own
     lr_grid_generator: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     lr_grid_image: tuple[float, ...] = (0.01, 0.03, 0.1)
-    real_draws: int = 200           # random single test images tried as the real-image baseline
-    k_images: tuple[int, ...] = (1, 10, 100, 1000)   # top-1 on k random test images
+    # a pool of real test images (none a probe image): the judge's image subsets and the
+    # real-image baselines (each pool image is one draw of "a random real image")
+    pool: int = 64
+    judge_draws: int = 4            # random subsets per size (1, 2, 4, … pool) and training model
+    judge_val_draws: int = 8        # single pool images per validation model for the judge's stopping
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)   # stage-2 seeds at the chosen learning rates
+    # top-1 and the paired estimate on k random test images, no predictor
+    k_images: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     k_draws: int = 200              # draws per k
     bn_steps: int = 500             # the BN-statistics (ZeroQ) image: Adam steps, as ZeroQ
     # stage 2 runs the quantized models themselves: at most this many fixed-rounding records
@@ -229,7 +235,7 @@ PROFILES: dict[str, Profile] = {
         # a stage-2 step runs 8 quantized models on one image with gradients (~0.3 s on two
         # cores): 100 steps and two learning rates per method fit chapter 6's share
         one_image=OneImage(steps=100, batch=8, eval_every=10, patience=5, lr_grid_generator=(1e-3, 3e-3),
-                           lr_grid_image=(0.02, 0.05), real_draws=50, k_draws=50,
+                           lr_grid_image=(0.02, 0.05), k_draws=100,
                            population={"train": 30, "val": 10, "test": 10}),
         # a W3A32 run costs ~4 s and a W4A4 run ~6.5 s on two cores (quantize + 10k test
         # images): every switch at W3A32 with two seeds (weight rounding decides there); at
