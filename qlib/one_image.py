@@ -73,7 +73,7 @@ def fit_judge(pops: Populations, sub: Populations, counts: dict, *, sizes: tuple
 def k_image_estimates(pops: Populations, part: str, ks: tuple[int, ...], draws: int, *, seed: int = 0,
                       exclude: torch.Tensor | None = None) -> dict[str, dict[int, np.ndarray]]:
     """What k real test images give without any predictor, for every ``part`` configuration
-    (pooled in :meth:`Populations.labels` order) and ``draws`` random sets of k images (the
+    (pooled in :meth:`qlib.study.Populations.labels` order) and ``draws`` random sets of k images (the
     same sets for every configuration; none in ``exclude``, e.g. the probe images):
     ``"top-1"`` — the quantized model's top-1 on the k images; ``"paired"`` — the float
     model's exact top-1 plus the quantized − float difference on them (the paired estimate

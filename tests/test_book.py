@@ -123,15 +123,14 @@ def test_chapter5_predictor_protocol():
 
 
 def test_chapter6_one_image_error():
-    """The glued one-image MAE is the frozen predictor's real error on held-out
-    configurations: within its own bootstrap interval, with the speed-up measured."""
+    """The glued one-image MAE is the judge's real error on held-out configurations, over
+    stage-2 seeds, with the speed-up measured and the k-image curve falling."""
     v = _values("06_one_image")
-    mae, lo, hi = (float(v[k]) for k in ("one_image_mae", "one_image_mae_lo", "one_image_mae_hi"))
-    assert 0 < lo <= mae <= hi, (lo, mae, hi)
-    assert mae < 15.0, f"one-image MAE {mae:.2f} points: the frozen predictor has not been fed usable tokens"
+    mae, sd = float(v["one_image_mae"]), float(v["one_image_mae_sd"])
+    assert 0 < mae < 15.0 and 0 <= sd < mae, f"one-image MAE {mae:.2f} ± {sd:.2f}: the judge has not been fed usable tokens"
     assert int(v["n_held_out"]) >= 15
     assert float(v["speedup_min"]) > 1, "one image must cost less than the full test pass"
-    assert float(v["k1_mae"]) > float(v["k1000_mae"]), "top-1 on more images must err less"
+    assert float(v["paired_k1"]) > float(v["paired_k256"]), "the paired estimate on more images must err less"
 
 
 def test_chapter7_effects_agree_with_their_tables():
