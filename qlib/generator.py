@@ -66,15 +66,14 @@ def soft_histogram_counts(values: torch.Tensor, bins: int, lo: float, hi: float,
 
 def image_tokens(qmodel: nn.Module, image: torch.Tensor, bins: int, ranges: dict, *,
                  softness: float = 1.0, straight_through: bool = True) -> torch.Tensor:
-    """The tokens of :func:`qlib.tokens.layer_histograms` for one image, with a gradient
-    to the image's pixels. ``straight_through``: the forward value is the hard histogram
+    """The tokens of :func:`qlib.tokens.layer_histograms` for one image (C × H × W) or a
+    few (K × C × H × W, one histogram over all of them), with a gradient to the pixels. ``straight_through``: the forward value is the hard histogram
     (so a prediction in training is the prediction at use) and the gradient is the soft
     histogram's; otherwise both are the soft histogram's."""
     if image.dim() == 3:
         image = image.unsqueeze(0)
     tokens.check_images(qmodel, image)
-    if len(image) != 1:
-        raise ValueError(f"image_tokens takes one image, got {len(image)}")
+    n_images = len(image)
     names = tokens.token_layers(qmodel)
     tokens.check_ranges(names, ranges)
     per_layer = {}
@@ -90,7 +89,7 @@ def image_tokens(qmodel: nn.Module, image: torch.Tensor, bins: int, ranges: dict
                 counts = tokens.histogram_counts(v, bins, lo, hi).double() + soft - soft.detach()
             else:
                 counts = soft
-            per_layer[n] = tokens.token_from_counts(counts, 1, v.numel())
+            per_layer[n] = tokens.token_from_counts(counts, n_images, v.numel() / n_images)
         return hook
 
     with forward_hooks((qmodel.get_submodule(n), make_hook(n)) for n in names):
@@ -105,13 +104,18 @@ class ImageGenerator(nn.Module):
     image patches → one image in ``value_range`` (per channel, the data's normalised range).
 
     ``image_shape`` (C, H, W) comes from the data: (1, 28, 28) for Fashion-MNIST, (3, 32, 32)
-    for CIFAR-10; ``patch`` must divide H and W."""
+    for CIFAR-10; ``patch`` must divide H and W. ``n_images`` = K > 1 writes K images per
+    input (B × K × C × H × W; chapter 6 asks what the single image costs): each has its own
+    learned slot embedding added to the decoder's queries and its own pixel bias, all K
+    starting at ``init_image`` and told apart by their slots once the head trains."""
 
     def __init__(self, token_dim: int, image_shape: tuple[int, int, int], value_range, *,
                  d_model: int = 64, heads: int = 4, enc_layers: int = 2, dec_layers: int = 2,
                  patch: int = 4, max_layers: int = 128, init_image: torch.Tensor | None = None,
-                 seed: int = 0):
+                 n_images: int = 1, seed: int = 0):
         super().__init__()
+        if not isinstance(n_images, int) or n_images < 1:
+            raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
         if len(image_shape) != 3 or min(image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
         C, H, W = image_shape
@@ -144,11 +148,13 @@ class ImageGenerator(nn.Module):
         # head's weights still get a gradient (the decoder's output), so training moves off it
         nn.init.zeros_(self.to_pixels.weight)
         nn.init.zeros_(self.to_pixels.bias)
-        self.pixel_bias = nn.Parameter(torch.zeros(1, C, H, W))
+        self.pixel_bias = nn.Parameter(torch.zeros(n_images, C, H, W))
         if init_image is not None:
             with torch.no_grad():
                 self.pixel_bias.copy_(image_to_logits(init_image.reshape(1, C, H, W), self.lo, self.hi))
-        self.token_dim = token_dim
+        self.token_dim, self.n_images = token_dim, n_images
+        if n_images > 1:  # created last: a one-image generator's initialisation is unchanged by it
+            self.slot = nn.Parameter(torch.randn(n_images, 1, d_model) * 0.02)
 
     def param_groups(self, lr: float, pixel_lr: float) -> list[dict]:
         """Adam's parameter groups for stage 2: the network at ``lr`` and the per-pixel
@@ -159,7 +165,8 @@ class ImageGenerator(nn.Module):
         return [{"params": rest, "lr": lr}, {"params": [self.pixel_bias], "lr": pixel_lr}]
 
     def forward(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: L × token_dim (or B × L × token_dim) → B × C × H × W."""
+        """tokens: L × token_dim (or B × L × token_dim) → B × C × H × W (B × K × C × H × W
+        with ``n_images`` = K > 1)."""
         if tokens.dim() == 2:
             tokens = tokens.unsqueeze(0)
         if tokens.dim() != 3 or tokens.shape[2] != self.token_dim or tokens.shape[1] > len(self.pe):
@@ -167,13 +174,19 @@ class ImageGenerator(nn.Module):
                              f"got {tuple(tokens.shape)}")
         B, L, _ = tokens.shape
         memory = self.encoder(self.embed(tokens) + self.pe[:L], src_key_padding_mask=pad_mask)
+        K = self.n_images
         queries = self.mask_token.expand(B, self.n_patches, -1) + self.patch_pos
+        if K > 1:  # B·K query sets, image k's with its slot; each reads its own copy of memory
+            queries = (queries[:, None] + self.slot).reshape(B * K, self.n_patches, -1)
+            memory = memory.repeat_interleave(K, 0)
+            pad_mask = None if pad_mask is None else pad_mask.repeat_interleave(K, 0)
         h = self.ln(self.decoder(queries, memory, memory_key_padding_mask=pad_mask))
         C, H, W = self.image_shape
         p = self.patch
-        x = self.to_pixels(h).view(B, H // p, W // p, C, p, p).permute(0, 3, 1, 4, 2, 5)
-        x = x.reshape(B, C, H, W) + self.pixel_bias
-        return logits_to_image(x, self.lo, self.hi)
+        x = self.to_pixels(h).view(B * K, H // p, W // p, C, p, p).permute(0, 3, 1, 4, 2, 5)
+        x = x.reshape(B, K, C, H, W) + self.pixel_bias
+        x = logits_to_image(x, self.lo, self.hi)
+        return x if K > 1 else x[:, 0]
 
 
 def logits_to_image(z: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -208,8 +221,8 @@ def _predictions(judge: nn.Module, entries, images: dict, ranges: dict, bins: in
 @torch.no_grad()
 def evaluate_images(judge: nn.Module, entries, images: dict, ranges: dict, bins: int) -> np.ndarray:
     """The frozen predictor's output for each (arch, quantized model, label) fed the hard
-    histograms of ``images[arch]``."""
-    toks = [tokens.layer_histograms(q, images[a].reshape(1, *images[a].shape[-3:]), bins, ranges[a])
+    histograms of ``images[arch]`` (one image, or K images histogrammed together)."""
+    toks = [tokens.layer_histograms(q, images[a].reshape(-1, *images[a].shape[-3:]), bins, ranges[a])
             for a, q, _ in entries]
     return predict_tokens(judge, toks)
 

@@ -82,6 +82,39 @@ def test_generator_starts_exactly_at_its_init_image():
     assert sum(len(g["params"]) for g in groups) == len(list(G.parameters()))
 
 
+def test_a_k_image_generator_writes_k_images_that_part_once_trained():
+    lo, hi = torch.tensor([-0.8]), torch.tensor([2.0])
+    init = torch.rand(1, 28, 28) * 2.5 - 0.7
+    G1 = generator.ImageGenerator(16, (1, 28, 28), (lo, hi), d_model=32, heads=2, init_image=init, seed=3)
+    G = generator.ImageGenerator(16, (1, 28, 28), (lo, hi), d_model=32, heads=2, init_image=init,
+                                 n_images=4, seed=3)
+    tok = torch.rand(2, 7, 16)
+    x = G(tok)
+    assert x.shape == (2, 4, 1, 28, 28)
+    assert torch.allclose(x, init.expand_as(x), atol=1e-5), "every image starts at the init image"
+    # the extra slot parameters come last: the one-image generator's initialisation is the same
+    assert all(torch.equal(p, G.state_dict()[n]) for n, p in G1.state_dict().items() if n != "pixel_bias")
+    opt = torch.optim.Adam(G.parameters(), lr=1e-2)
+    w = torch.linspace(-1, 1, 28 * 28).view(1, 1, 28, 28)
+    for _ in range(3):  # a loss symmetric in the K images: only the slots can tell them apart
+        opt.zero_grad()
+        (G(tok[0]) * w).sum().backward()
+        opt.step()
+    y = G(tok[0])[0]
+    assert (y[0] - y[1]).abs().max() > 1e-4, "the slots part the images"
+    with pytest.raises(ValueError, match="n_images"):
+        generator.ImageGenerator(16, (1, 28, 28), (lo, hi), n_images=0)
+
+
+def test_image_tokens_of_k_images_are_the_hard_histogram_over_all_of_them(small):
+    m, calib, ranges, qs = small
+    imgs = calib[:4].clone().requires_grad_(True)
+    tok = generator.image_tokens(qs[1], imgs, 8, ranges)
+    assert torch.allclose(tok, tokens.layer_histograms(qs[1], calib[:4], 8, ranges), atol=1e-6)
+    tok.sum().backward()
+    assert imgs.grad.abs().flatten(1).sum(1).min() > 0, "every image gets a gradient"
+
+
 def _truth_predictor(small, bins=8):
     """A frozen random predictor and labels it gives on a hidden target image: a population
     whose accuracy is a known function of one image's tokens (zero loss is reachable)."""
@@ -133,8 +166,6 @@ def test_bad_inputs_raise_clear_errors(small):
             generator.soft_histogram_counts(v, 4, -1.0, 1.0, s)
     with pytest.raises(ValueError, match="bins"):
         generator.soft_histogram_counts(v, 1, -1.0, 1.0)
-    with pytest.raises(ValueError, match="one image"):
-        generator.image_tokens(qs[0], calib[:2], 8, ranges)
     with pytest.raises(ValueError, match="channels"):
         generator.image_tokens(qs[0], torch.randn(1, 3, 28, 28), 8, ranges)
     with pytest.raises(ValueError, match="patch"):
