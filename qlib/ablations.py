@@ -3,7 +3,7 @@ predictor is worth, one change at a time against the recipe::
 
     S = experiments.setup("quick")
     runs, refs = ablations.run_switches(S, hp)          # every switch at the profile's settings
-    effects = ablations.compare(runs)                   # Δ against the recipe, 2·SE, verdict
+    effects = ablations.compare(runs)                   # Δ against the recipe, 95% half-width, verdict
     ablations.question_effects(effects)["layer by layer"]
 
 A **switch** changes one thing in quantize()'s call and keeps the rest (the images, the
@@ -112,22 +112,24 @@ def run_switches(S: Setup, hp: dict[str, dict], hp_ada: dict[str, dict]) -> tupl
 
 
 def compare(runs: list[dict]):
-    """Each change against the recipe, per model and setting: means, Δ, 2·SE and the verdict
-    by :func:`qlib.report.verdict` ("no real difference", "change better", "recipe better")."""
+    """Each change against the recipe, per model and setting: means, Δ, its 95% half-width
+    and the verdict by :func:`qlib.report.verdict` ("no real difference", "change better",
+    "recipe better"), the seed spread pooled over every change and setting of the model."""
     import pandas as pd
 
     s = pd.DataFrame(runs).groupby(["change", "arch", "w_bits", "a_bits"], sort=False)["acc"].agg(
         ["mean", "std", "count"])
+    spread = {a: report.pooled_sd(g["std"], g["count"]) for a, g in s.groupby(level="arch", sort=False)}
     out = []
     for (c, a, w, x), r in s.iterrows():
         if c == "recipe":
             continue
         base = s.loc[("recipe", a, w, x)]
-        two_se, word = report.verdict(r["mean"], r["std"], base["mean"], base["std"], int(r["count"]),
-                                      names=("change", "recipe"))
+        half, word = report.verdict(r["mean"], base["mean"], int(r["count"]), int(base["count"]), *spread[a],
+                                    names=("change", "recipe"))
         out.append({"change": c, "key": BY_NAME[c].key, "model": models.display_name(a),
                     "setting": quant.setting_name(w, x), "seeds": int(r["count"]), "recipe": base["mean"],
-                    "changed": r["mean"], "Δ": r["mean"] - base["mean"], "± 2·SE": two_se,
+                    "changed": r["mean"], "Δ": r["mean"] - base["mean"], "± 95%": half,
                     "verdict": "no real difference" if word == "tie" else word})
     return pd.DataFrame(out)
 

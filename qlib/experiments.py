@@ -109,7 +109,8 @@ def run(S: Setup, arch: str, rounding: str, w_bits, a_bits: int | None = None, *
     Records are cached (``cache_record``) under a key covering the float weights, the
     calibration and evaluation images and every quantize() argument, so a later chapter that
     needs a run an earlier one made (chapter 7's recipe baselines are chapter 3's runs) reads
-    it instead of calibrating again; its "seconds" are those of the run that made it."""
+    it instead of calibrating again; its "seconds" are those of the run that made it, and
+    "from_cache" says which it was (:func:`cost_note`)."""
     eval_set = S.split(split)
     kwargs = S.quant.kwargs(seed=seed, **overrides)
     spec = {"v": RUN_VERSION, "arch": arch, "rounding": rounding, "w_bits": w_bits, "a_bits": a_bits,
@@ -118,7 +119,7 @@ def run(S: Setup, arch: str, rounding: str, w_bits, a_bits: int | None = None, *
     path = cache.path_for("run", spec)
     hit = cache.load(path) if cache_record and not keep_model else None
     if hit is not None:
-        return {**(tags or {}), **hit}
+        return {**(tags or {}), **hit, "from_cache": True}
     q = quant.quantize(S.float_models[arch], S.calib, w_bits=w_bits, a_bits=a_bits,
                        rounding=rounding, progress=False, **kwargs)
     rep = q.quant_report
@@ -129,10 +130,28 @@ def run(S: Setup, arch: str, rounding: str, w_bits, a_bits: int | None = None, *
            "images": rep["images"], "iters": rep["iters_per_module"], "device": rep["device"]}
     if cache_record:
         cache.save(rec, path)
-    rec = {**(tags or {}), **rec}
+    rec = {**(tags or {}), **rec, "from_cache": False}
     if keep_model:
         rec["model"] = q
     return rec
+
+
+def cost_note(records: list[dict], wall_seconds: float) -> str:
+    """What a table cost, honest about the cache: the calibration minutes its runs took when
+    they were made (their stored "seconds"), how many were computed now and how many read
+    from the cache, and this execution's wall time. A record without "from_cache" came out
+    of another cached result (a selection) and counts as read."""
+    n = len(records)
+    if n == 0:
+        raise ValueError("cost_note needs the table's records")
+    made = sum(r.get("seconds", 0.0) for r in records) / 60
+    fresh = sum(not r.get("from_cache", True) for r in records)
+    every = "" if n == 1 else ("both " if n == 2 else f"all {n} ")
+    where = (f"{every}computed in this run" if fresh == n else f"{every}read from the cache" if fresh == 0
+             else f"{fresh} of {n} computed in this run, {n - fresh} read from the cache")
+    runs = "its run was" if n == 1 else f"its {n} runs were"
+    return (f"{made:.1f} minutes of calibration when {runs} made ({where}); "
+            f"this execution took {wall_seconds / 60:.1f} minutes")
 
 
 def run_seeds(S: Setup, arch: str, rounding: str, w_bits, a_bits: int | None = None, *,
@@ -220,8 +239,8 @@ def select(S: Setup, arch: str, rounding: str, name: str, grid, *, w_bits, a_bit
     out = {"arch": arch, "rounding": rounding, "name": name, "best": grid[k], "grid": grid,
            "val_acc": means, "at_edge": len(grid) > 1 and k in (0, len(grid) - 1),
            "setting": quant.setting_name(w_bits, a_bits), "seeds": seeds, "records": recs}
-    if use_cache:
-        cache.save(out, path)
+    if use_cache:  # stored without "from_cache": a later read of the selection is a cache read
+        cache.save({**out, "records": [{k: v for k, v in r.items() if k != "from_cache"} for r in recs]}, path)
     return out
 
 
@@ -286,21 +305,31 @@ def results_table(records: list[dict], float_acc: dict[str, float],
 
 
 def verdicts(records: list[dict], a: str, b: str, by=("arch", "w_bits", "a_bits"),
-             column: str = "rounding", names: tuple[str, str] | None = None) -> "pd.DataFrame":  # noqa: F821
-    """For every setting (``by``), the ``column`` value ``a`` against ``b`` (two methods, or
-    two configurations) by :func:`qlib.report.verdict`: the difference of means, its 2·SE
-    and "<a> better" / "<b> better" / "tie", with ``names`` (default: their display names)
-    in the words; ``a``'s and ``b``'s means beside it."""
+             column: str = "rounding", names: tuple[str, str] | None = None,
+             pool_over=None) -> "pd.DataFrame":  # noqa: F821
+    """For every setting (``by``, which starts with "arch"), the ``column`` value ``a``
+    against ``b`` (two methods, or two configurations) by :func:`qlib.report.verdict`: the
+    difference of means, its 95% half-width from the seed-to-seed spread pooled over every
+    setting of the model for the ``column`` values ``pool_over`` (default: ``a`` and ``b``;
+    leave out deterministic ones such as nearest rounding, whose spread is 0), and
+    "<a> better" / "<b> better" / "tie", with ``names`` (default: their display names) in
+    the words; ``a``'s and ``b``'s means beside it."""
     import pandas as pd
 
+    if by[0] != "arch":
+        raise ValueError(f"verdicts pools the seed spread per model: `by` must start with 'arch', got {by}")
     names = names or (models.display_name(a), models.display_name(b))
     s = summarize(records, [*by, column])
+    both = s[s[column].isin(list(pool_over) if pool_over is not None else [a, b])]
+    spread = {arch: report.pooled_sd(g["std"], g["count"]) for arch, g in both.groupby("arch", sort=False)}
     rows = []
     for key, g in s.groupby(list(by), sort=False):
+        key = key if isinstance(key, tuple) else (key,)
         ra, rb = (g[g[column] == m].iloc[0] for m in (a, b))
-        two_se, word = report.verdict(ra["mean"], ra["std"], rb["mean"], rb["std"], int(ra["count"]),
-                                      names=names)
-        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "seeds": int(ra["count"]),
-                     a: ra["mean"], b: rb["mean"], f"{a} − {b}": ra["mean"] - rb["mean"], "± 2·SE": two_se,
+        sd, df = spread[key[0]]
+        half, word = report.verdict(ra["mean"], rb["mean"], int(ra["count"]), int(rb["count"]), sd, df,
+                                    names=names)
+        rows.append({**dict(zip(by, key)), "seeds": int(ra["count"]), a: ra["mean"], b: rb["mean"],
+                     f"{a} − {b}": ra["mean"] - rb["mean"], "± 95%": half, "pooled seed sd": sd,
                      "verdict": word})
     return pd.DataFrame(rows)

@@ -12,6 +12,8 @@ codes get the wider bit widths::
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -116,8 +118,10 @@ def allocate_bits(model: nn.Module, bitlist, eps2: float, *, center: bool = Fals
     allocates them too). With fewer distinct lengths than bit widths, the k clusters take k
     bit widths spread evenly over the sorted list (one cluster: the middle width).
     Deterministic: the same model and arguments give the same allocation."""
-    bits = normalize_bitlist(bitlist)
-    lengths = layer_coding_lengths(model, eps2, center)
+    return _allocate(layer_coding_lengths(model, eps2, center), normalize_bitlist(bitlist), include_first_last)
+
+
+def _allocate(lengths: dict[str, float], bits: list[int], include_first_last: bool) -> dict[str, int]:
     names = list(lengths)
     if not include_first_last:
         names = names[1:-1]
@@ -132,10 +136,13 @@ def allocate_bits(model: nn.Module, bitlist, eps2: float, *, center: bool = Fals
     return {n: chosen[c] for n, c in zip(names, labels)}
 
 
-def model_size_mb(model: nn.Module, bits, *, include_linear: bool = False,
+def model_size_mb(model: nn.Module, bits, *, conv_only: bool = False,
                   first_last_bits: int = 8) -> float:
-    """Σ params × bits / 8 over the quantized Conv2d layers, in MB (10⁶ bytes), as the paper's
-    Table 4 counts it (convolutions only; ``include_linear=True`` adds the Linear layers).
+    """Σ params × bits / 8 over every quantized layer (Conv2d and Linear), in MB (10⁶ bytes):
+    what the quantized weights occupy. ``conv_only=True`` counts the convolutions alone, as
+    the paper's Table 4 does; that leaves out a Linear layer that still gets the
+    allocation's bits (VGG's classifier holds about half its weights), so sizes compared
+    across allocations should count everything.
 
     ``bits``: an int for every layer, or ``{layer: bits}`` as allocate_bits returns; the
     first and last quantized layers default to ``first_last_bits`` as in quantize()."""
@@ -150,19 +157,46 @@ def model_size_mb(model: nn.Module, bits, *, include_linear: bool = False,
     total = 0.0
     for n in names:
         m = model.get_submodule(n)
-        if isinstance(m, nn.Conv2d) or include_linear:
+        if isinstance(m, nn.Conv2d) or not conv_only:
             total += m.weight.numel() * check_bits(per[n], f"bits[{n!r}]") / 8
     return total / 1e6
 
 
+def allocate_to_size(model: nn.Module, target_mb: float, *, widths=(2, 3, 4, 5, 6, 7, 8),
+                     eps_grid=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)) -> dict:
+    """The recipe for a size budget: of every contiguous bit list drawn from ``widths`` (at
+    least two widths) and every ε² in ``eps_grid``, Algorithm 1's allocation whose size
+    (:func:`model_size_mb`, every quantized layer) is the largest within ``target_mb``; ties
+    go to the smaller ε² and then the narrower list. Returns {"bitlist", "eps2", "bits",
+    "size_mb", "tried"}. A budget below every allocation raises, naming the smallest."""
+    ws = normalize_bitlist(widths)
+    lists = [ws[i:j] for i in range(len(ws)) for j in range(i + 2, len(ws) + 1)]
+    if not lists:
+        raise ValueError(f"allocate_to_size needs at least two widths, got {widths}")
+    best, smallest, tried = None, math.inf, 0
+    for eps2 in sorted(eps_grid):
+        lengths = layer_coding_lengths(model, eps2)
+        for bl in sorted(lists, key=len):
+            bits = _allocate(lengths, bl, False)
+            size = model_size_mb(model, bits)
+            tried += 1
+            smallest = min(smallest, size)
+            if size <= target_mb and (best is None or size > best["size_mb"] + 1e-12):
+                best = {"bitlist": bl, "eps2": eps2, "bits": bits, "size_mb": size}
+    if best is None:
+        raise ValueError(f"no allocation fits {target_mb:.4f} MB: the smallest is {smallest:.4f} MB "
+                         f"(widths {ws}); allow narrower widths or a larger budget")
+    return {**best, "tried": tried}
+
+
 @torch.no_grad()
 def allocate_greedy(model: nn.Module, bitlist, budget_mb: float, *,
-                    include_linear: bool = False) -> dict[str, int]:
+                    conv_only: bool = False) -> dict[str, int]:
     """An equal-size baseline: every middle layer starts at the lowest width of ``bitlist``;
     then, while the model stays within ``budget_mb`` (model_size_mb), the layer whose next
     width buys the largest drop of its weight error ‖W − Ŵ‖² (nearest rounding, searched
-    scales) per added byte moves up one width. Linear layers cost nothing under Table 4's
-    count, so they are set to the top width unless ``include_linear``."""
+    scales) per added byte moves up one width. Under ``conv_only`` (Table 4's count) Linear layers
+    cost nothing, so they are set to the top width."""
     bits = normalize_bitlist(bitlist)
     fp = fold_bn(model)
     names = quantizable_layers(fp)[1:-1]
@@ -173,11 +207,11 @@ def allocate_greedy(model: nn.Module, bitlist, budget_mb: float, *,
     level = {n: 0 for n in names}
     alloc = {n: bits[0] for n in names}
     for n in names:
-        if isinstance(fp.get_submodule(n), nn.Linear) and not include_linear:
+        if isinstance(fp.get_submodule(n), nn.Linear) and conv_only:
             level[n], alloc[n] = len(bits) - 1, bits[-1]
-    if model_size_mb(model, alloc, include_linear=include_linear) > budget_mb + 1e-12:
+    if model_size_mb(model, alloc, conv_only=conv_only) > budget_mb + 1e-12:
         raise ValueError(f"budget {budget_mb} MB is below the smallest allocation "
-                         f"({model_size_mb(model, alloc, include_linear=include_linear):.6f} MB)")
+                         f"({model_size_mb(model, alloc, conv_only=conv_only):.6f} MB)")
     while True:
         best, best_gain = None, 0.0
         for n in names:
@@ -185,7 +219,7 @@ def allocate_greedy(model: nn.Module, bitlist, budget_mb: float, *,
                 continue
             b0, b1 = bits[level[n]], bits[level[n] + 1]
             trial = dict(alloc, **{n: b1})
-            if model_size_mb(model, trial, include_linear=include_linear) > budget_mb + 1e-12:
+            if model_size_mb(model, trial, conv_only=conv_only) > budget_mb + 1e-12:
                 continue
             cost = fp.get_submodule(n).weight.numel() * (b1 - b0) / 8
             gain = (err[n][b0] - err[n][b1]) / cost

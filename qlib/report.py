@@ -13,27 +13,49 @@ import numpy as np
 BAND_POINTS = 10.0
 
 
-def difference_is_real(mean_a: float, std_a: float, mean_b: float, std_b: float, n: int,
+def pooled_sd(stds, counts) -> tuple[float, int]:
+    """The seed-to-seed standard deviation pooled over groups (e.g. every method × setting
+    of one model), √(Σ(nᵢ − 1)sᵢ² / Σ(nᵢ − 1)), and its degrees of freedom Σ(nᵢ − 1).
+    Groups of one seed (or a NaN std) add nothing. (nan, 0) when no group repeats a seed."""
+    num, df = 0.0, 0
+    for sd, n in zip(stds, counts):
+        n = int(n)
+        if n >= 2 and math.isfinite(float(sd)):
+            num += (n - 1) * float(sd) ** 2
+            df += n - 1
+    return (math.sqrt(num / df) if df else math.nan), df
+
+
+def difference_is_real(mean_a: float, mean_b: float, n_a: int, n_b: int, sd: float, df: int,
                        single_seed_margin: float = 1.0) -> tuple[float, bool]:
-    """(2·SE, real) for the difference of two means over ``n`` seeds each: real when
-    ``|mean_a − mean_b| > 2·√((s²ₐ + s²ᵦ)/n)``, roughly a 95% test with few seeds. With one seed
-    there is no spread to compare with; then 2·SE is NaN and the difference counts as real
-    only beyond ``single_seed_margin`` points."""
+    """(half-width, real) for the difference of two means over ``n_a`` and ``n_b`` seeds:
+    a two-sided 95% t test, real when |mean_a − mean_b| > t₀.₉₇₅(df) · sd · √(1/n_a + 1/n_b).
+
+    ``sd`` is the seed-to-seed standard deviation pooled over every run of the model
+    (:func:`pooled_sd`) on ``df`` degrees of freedom, not the two groups' own: two seeds
+    give a std on one degree of freedom (t₀.₉₇₅ = 12.7) that can come out 0.00 and make any
+    gap "real". With a pooled spread the same rule serves one seed and several. Without
+    one (df = 0: no run of the model repeats a seed) the half-width is NaN and the
+    difference counts as real only beyond ``single_seed_margin`` points."""
+    from scipy import stats
+
+    if min(n_a, n_b) < 1:
+        raise ValueError(f"each mean needs at least one seed, got n_a={n_a}, n_b={n_b}")
     diff = mean_a - mean_b
-    if n > 1:
-        two_se = 2 * math.sqrt((std_a ** 2 + std_b ** 2) / n)
-        return two_se, abs(diff) > two_se
-    return math.nan, abs(diff) > single_seed_margin
+    if df < 1 or not math.isfinite(sd):
+        return math.nan, abs(diff) > single_seed_margin
+    half = float(stats.t.ppf(0.975, df)) * sd * math.sqrt(1 / n_a + 1 / n_b)
+    return half, abs(diff) > half
 
 
-def verdict(mean_a: float, std_a: float, mean_b: float, std_b: float, n: int,
+def verdict(mean_a: float, mean_b: float, n_a: int, n_b: int, sd: float, df: int,
             names: tuple[str, str] = ("A", "B"), single_seed_margin: float = 1.0) -> tuple[float, str]:
-    """(2·SE, word) where word is "<A> better", "<B> better" or "tie" by
+    """(half-width, word) where word is "<A> better", "<B> better" or "tie" by
     :func:`difference_is_real`."""
-    two_se, real = difference_is_real(mean_a, std_a, mean_b, std_b, n, single_seed_margin)
+    half, real = difference_is_real(mean_a, mean_b, n_a, n_b, sd, df, single_seed_margin)
     if not real:
-        return two_se, "tie"
-    return two_se, f"{names[0] if mean_a > mean_b else names[1]} better"
+        return half, "tie"
+    return half, f"{names[0] if mean_a > mean_b else names[1]} better"
 
 
 # --- predictors: error metrics with bootstrap intervals ------------------------------------

@@ -29,9 +29,20 @@ def test_fmt_mean_std():
 
 
 def test_verdict_words():
-    assert report.verdict(91.0, 0.1, 90.0, 0.1, 3, names=("A", "B")) == (pytest.approx(2 * math.sqrt(0.02 / 3)), "A better")
-    assert report.verdict(90.0, 0.1, 91.0, 0.1, 3, names=("A", "B"))[1] == "B better"
-    assert report.verdict(90.05, 0.3, 90.0, 0.3, 3)[1] == "tie"
+    assert report.verdict(91.0, 90.0, 3, 3, 0.1, 10, names=("A", "B"))[1] == "A better"
+    assert report.verdict(90.0, 91.0, 3, 3, 0.1, 10, names=("A", "B"))[1] == "B better"
+    assert report.verdict(90.05, 90.0, 3, 3, 0.3, 10)[1] == "tie"
+
+
+def test_verdicts_pool_the_spread_over_a_models_settings():
+    recs = [{"arch": "resnet", "w_bits": w, "a_bits": 32, "rounding": r, "acc": acc, "seed": s}
+            for w, r, accs in ((3, "attention", (90.0, 90.0)), (3, "adaround", (89.8, 89.8)),
+                               (2, "attention", (80.0, 81.0)), (2, "adaround", (79.0, 80.2)))
+            for s, acc in enumerate(accs)]
+    v = experiments.verdicts(recs, "attention", "adaround").set_index("w_bits")
+    sd = math.sqrt((0 + 0 + 0.5 + 0.72) / 4)   # the two W2 groups' variances, one df each
+    assert v.loc[3, "pooled seed sd"] == pytest.approx(sd)
+    assert v.loc[3, "verdict"] == "tie", "0.00 std at W3 does not make a 0.2 gap real"
 
 
 def test_profiles_are_typed_and_give_quantize_kwargs():
@@ -82,7 +93,8 @@ def test_run_records_are_cached_under_every_setting(tmp_cache):
     S = _tiny_setup()
     first = experiments.run(S, "net", "attention", 3, seed=1, tags={"table": "a"})
     again = experiments.run(S, "net", "attention", 3, seed=1, tags={"table": "b"})
-    assert again == {**first, "table": "b"}, "a cache hit returns the same record with the caller's tags"
+    assert not first["from_cache"] and again["from_cache"]
+    assert again == {**first, "table": "b", "from_cache": True}, "a cache hit returns the same record with the caller's tags"
     assert len(list((tmp_cache / "run").glob("*.pt"))) == 1
     # any argument that changes the result changes the key
     experiments.run(S, "net", "attention", 3, seed=1, variant={"backward": "ste"})
@@ -145,3 +157,15 @@ def test_tuned_returns_each_methods_lr_and_nothing_for_fixed_rules(tmp_cache):
     assert experiments.tuned(S, "net", "nearest") == {}
     hp = experiments.tuned(S, "net", "adaround", progress=False)
     assert set(hp) == {"lr"} and hp["lr"] in (1e-2, 1e-1)
+
+
+def test_cost_note_says_what_came_from_the_cache():
+    recs = [{"seconds": 60.0, "from_cache": False}, {"seconds": 120.0, "from_cache": True}, {"seconds": 60.0}]
+    note = experiments.cost_note(recs, 30.0)
+    assert note.startswith("4.0 minutes of calibration when its 3 runs were made")
+    assert "1 of 3 computed in this run, 2 read from the cache" in note and note.endswith("took 0.5 minutes")
+    one = experiments.cost_note(recs[1:2], 0.0)
+    assert one.startswith("2.0 minutes of calibration when its run was made (read from the cache)"), one
+    assert "(both computed in this run)" in experiments.cost_note([recs[0], recs[0]], 0.0)
+    with pytest.raises(ValueError, match="records"):
+        experiments.cost_note([], 1.0)

@@ -120,10 +120,10 @@ def test_allocate_bits_edge_cases():
 def test_model_size_by_hand():
     net = Net()  # convs: first 8·1·9 = 72, rich/poor/mid 8·8·9 = 576 each; linear 16
     bits = {"rich": 3, "poor": 4, "mid": 5}
-    expected = (72 * 8 + 576 * 3 + 576 * 4 + 576 * 5) / 8 / 1e6
-    assert mixed.model_size_mb(net, bits) == pytest.approx(expected)
-    assert mixed.model_size_mb(net, 4) == pytest.approx((72 * 8 + 3 * 576 * 4) / 8 / 1e6)
-    assert mixed.model_size_mb(net, bits, include_linear=True) == pytest.approx(expected + 16 * 8 / 8 / 1e6)
+    convs = (72 * 8 + 576 * 3 + 576 * 4 + 576 * 5) / 8 / 1e6
+    assert mixed.model_size_mb(net, bits) == pytest.approx(convs + 16 * 8 / 8 / 1e6), "every quantized layer"
+    assert mixed.model_size_mb(net, bits, conv_only=True) == pytest.approx(convs)
+    assert mixed.model_size_mb(net, 4, conv_only=True) == pytest.approx((72 * 8 + 3 * 576 * 4) / 8 / 1e6)
 
 
 def test_greedy_meets_budget_and_spends_it():
@@ -146,3 +146,18 @@ def test_bit_picker_data_sizes():
     assert list(d["lengths"]) == ["first", "rich", "poor", "mid", "last"]
     with pytest.raises(ValueError, match="empty"):
         widgets.bit_picker_data(net, [], eps2=1e-3)
+
+
+def test_allocate_to_size_spends_the_budget_and_refuses_an_impossible_one():
+    m = models.build("resnet")
+    target = mixed.model_size_mb(m, 4)
+    r = mixed.allocate_to_size(m, target, widths=(2, 3, 4, 5, 6))
+    assert r["size_mb"] <= target + 1e-12 and r["size_mb"] == pytest.approx(mixed.model_size_mb(m, r["bits"]))
+    assert r["bits"] == mixed.allocate_bits(m, r["bitlist"], r["eps2"])
+    assert r["tried"] == 6 * 10  # ε² grid × contiguous lists of at least two of five widths
+    looser = mixed.allocate_to_size(m, mixed.model_size_mb(m, 5), widths=(2, 3, 4, 5, 6))
+    assert looser["size_mb"] >= r["size_mb"], "a larger budget never buys a smaller model"
+    with pytest.raises(ValueError, match="smallest is"):
+        mixed.allocate_to_size(m, 1e-6)
+    with pytest.raises(ValueError, match="two widths"):
+        mixed.allocate_to_size(m, target, widths=(4,))

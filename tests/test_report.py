@@ -5,13 +5,33 @@ import pytest
 from qlib import report
 
 
-def test_difference_rule():
-    two_se, real = report.difference_is_real(90.5, 0.1, 90.0, 0.1, n=3)
-    assert math.isclose(two_se, 2 * math.sqrt(0.02 / 3)) and real
-    assert not report.difference_is_real(90.1, 0.2, 90.0, 0.2, n=3)[1]
-    two_se, real = report.difference_is_real(90.5, math.nan, 90.0, math.nan, n=1)
-    assert math.isnan(two_se) and not real
-    assert report.difference_is_real(92.0, math.nan, 90.0, math.nan, n=1)[1]
+def test_difference_rule_is_a_t_test_on_the_pooled_spread():
+    from scipy import stats
+
+    sd, df = report.pooled_sd([0.1, 0.3, float("nan"), 0.0], [2, 3, 1, 2])
+    assert df == 1 + 2 + 1 and math.isclose(sd, math.sqrt((0.01 + 2 * 0.09 + 0.0) / 4))
+    half, real = report.difference_is_real(90.5, 90.0, 2, 2, 0.1, 8)
+    assert math.isclose(half, stats.t.ppf(0.975, 8) * 0.1 * math.sqrt(1.0)) and real
+    assert not report.difference_is_real(90.2, 90.0, 2, 2, 0.1, 8)[1]
+    # the t quantile, not 2: at 2 degrees of freedom a gap of 2.5 pooled-SE units is a tie
+    se = 0.1 * math.sqrt(2 / 3)
+    assert not report.difference_is_real(90.0 + 2.5 * se, 90.0, 3, 3, 0.1, 2)[1]
+    assert report.difference_is_real(90.0 + 2.5 * se, 90.0, 3, 3, 0.1, 60)[1]
+    # one seed each: the same rule with the model's pooled spread
+    half1, real1 = report.difference_is_real(90.4, 90.0, 1, 1, 0.1, 8)
+    assert math.isclose(half1, stats.t.ppf(0.975, 8) * 0.1 * math.sqrt(2)) and real1
+    # no repeated seeds anywhere: the one-point margin
+    half, real = report.difference_is_real(90.5, 90.0, 1, 1, math.nan, 0)
+    assert math.isnan(half) and not real
+    assert report.difference_is_real(92.0, 90.0, 1, 1, math.nan, 0)[1]
+    with pytest.raises(ValueError, match="at least one seed"):
+        report.difference_is_real(90.0, 90.0, 0, 2, 0.1, 4)
+
+
+def test_two_seeds_with_no_spread_cannot_make_a_tiny_gap_real():
+    """A 0.00 std from two runs of each method, against a model whose other runs vary."""
+    sd, df = report.pooled_sd([0.0, 0.0, 0.3, 0.25, 0.35], [2, 2, 2, 2, 2])
+    assert report.verdict(90.19, 90.0, 2, 2, sd, df, names=("A", "B"))[1] == "tie"
 
 
 def test_seed_proof_verdict_needs_every_run_to_agree():
