@@ -219,12 +219,18 @@ def _predictions(judge: nn.Module, entries, images: dict, ranges: dict, bins: in
 
 
 @torch.no_grad()
-def evaluate_images(judge: nn.Module, entries, images: dict, ranges: dict, bins: int) -> np.ndarray:
-    """The frozen predictor's output for each (arch, quantized model, label) fed the hard
-    histograms of ``images[arch]`` (one image, or K images histogrammed together)."""
-    toks = [tokens.layer_histograms(q, images[a].reshape(-1, *images[a].shape[-3:]), bins, ranges[a])
+def images_tokens(entries, images: dict, ranges: dict, bins: int) -> list[torch.Tensor]:
+    """Each (arch, quantized model, label)'s hard-histogram tokens on ``images[arch]`` (one
+    image, or K images histogrammed together): what a judge reads, whichever judge it is."""
+    return [tokens.layer_histograms(q, images[a].reshape(-1, *images[a].shape[-3:]), bins, ranges[a])
             for a, q, _ in entries]
-    return predict_tokens(judge, toks)
+
+
+@torch.no_grad()
+def evaluate_images(judge: nn.Module, entries, images: dict, ranges: dict, bins: int) -> np.ndarray:
+    """The frozen predictor's output for each (arch, quantized model, label) fed
+    :func:`images_tokens`."""
+    return predict_tokens(judge, images_tokens(entries, images, ranges, bins))
 
 
 def stage2(params: Iterable[nn.Parameter], make_images: Callable[[], dict], judge: nn.Module, train, val, *,

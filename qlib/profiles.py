@@ -239,11 +239,11 @@ PROFILES: dict[str, Profile] = {
                             epochs=100, patience=20, lr_grid=(3e-3,),
                             target_sizes={"top-1": {"weight_decay": 1e-3}, "residual": {"layers": 1, "weight_decay": 1e-3}}),
         # a stage-2 step runs 8 quantized models on one image with gradients (~0.2 s on one
-        # core; ~0.4 s with 4 images and ~1.1 s with 16): 150 steps and two learning rates
-        # per method fit chapter 6's share, the K-image generators with two seeds. Held-out
+        # core; ~0.4 s with 4 images and ~1.1 s with 16): 120 steps and two learning rates
+        # per method fit chapter 6's share, the K-image generators with one seed. Held-out
         # configurations are cheap (one pass each), so the test part is the larger
-        one_image=OneImage(steps=150, batch=8, eval_every=10, patience=5, lr_grid_generator=(1e-3, 3e-3),
-                           lr_grid_image=(0.02, 0.05), k_draws=100, n_images_seeds=(0, 1),
+        one_image=OneImage(steps=120, batch=8, eval_every=15, patience=4, lr_grid_generator=(1e-3, 3e-3),
+                           lr_grid_image=(0.02, 0.05), k_draws=100, n_images_seeds=(0,),
                            population={"train": 30, "val": 10, "test": 40}),
         # a W3A32 run costs ~4 s and a W4A4 run ~6.5 s on two cores (quantize + 10k test
         # images): every switch at W3A32 with two seeds (weight rounding decides there); at

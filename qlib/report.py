@@ -144,6 +144,30 @@ def versus(verdict: str) -> str:
             "not distinguishable": "not distinguishable from"}[verdict]
 
 
+def span(values, fmt: str = "{:.2f}", unit: str = "") -> str:
+    """The range of ``values`` as prose: "0.12 to 0.40", or one number when both ends print
+    the same ("0.12", not "0.12 to 0.12"); ``unit`` follows each number."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("span needs at least one value")
+    lo, hi = (fmt.format(v) + unit for v in (min(vals), max(vals)))
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+def count_text(k: int, n: int, noun: str = "setting") -> str:
+    """"1 of 6 settings", "all 3 settings", "none of the 2 settings", "the one setting"."""
+    if not 0 <= k <= n or n < 1:
+        raise ValueError(f"need 0 ≤ k ≤ n and n ≥ 1, got k={k}, n={n}")
+    plural = noun + ("" if n == 1 else "s")
+    if n == 1:
+        return f"the one {noun}" if k == 1 else f"not the one {noun}"
+    if k == n:
+        return f"all {n} {plural}" if n > 2 else f"both {plural}"
+    if k == 0:
+        return f"none of the {n} {plural}"
+    return f"{k} of {n} {plural}"
+
+
 def interval(value: float, low: float, high: float, digits: int = 2, signed: bool = False) -> str:
     """ "1.23 [0.98, 1.51]" (``signed``: "+1.23 [+0.98, +1.51]")."""
     f = f"{{:{'+' if signed else ''}.{digits}f}}"

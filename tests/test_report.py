@@ -43,3 +43,19 @@ def test_seed_proof_verdict_needs_every_run_to_agree():
     assert report.seed_proof([n]) == "not distinguishable"
     with pytest.raises(ValueError, match="no runs"):
         report.seed_proof([])
+
+
+def test_sentence_builders_read_right_in_every_branch():
+    assert report.span([0.1234, 0.4]) == "0.12 to 0.40"
+    assert report.span([0.121, 0.1234]) == "0.12", "equal ends print one number"
+    assert report.span([10.0, 10.04], "{:.3g}", "×") == "10×"
+    assert report.span([-0.5, 0.25], "{:+.2f}") == "-0.50 to +0.25"
+    with pytest.raises(ValueError):
+        report.span([])
+    assert report.count_text(1, 6) == "1 of 6 settings"
+    assert report.count_text(0, 6) == "none of the 6 settings"
+    assert report.count_text(3, 3) == "all 3 settings"
+    assert report.count_text(2, 2, "model") == "both models"
+    assert report.count_text(1, 1) == "the one setting" and report.count_text(0, 1) == "not the one setting"
+    with pytest.raises(ValueError):
+        report.count_text(3, 2)
