@@ -79,7 +79,7 @@ def tau_explorer(v: float = 0.3, tau: float = 0.5, bits: int = 4):
 
 def bit_picker_data(model, bitlist, eps2: float) -> dict:
     """What the bit-list picker shows: every layer's coding length (eq. 12), Algorithm 1's
-    allocation for ``bitlist`` and ``eps2``, the model size (Table 4's count, MB) and, for
+    allocation for ``bitlist`` and ``eps2``, the model size (every quantized layer, MB) and, for
     comparison, the size of each single-precision model with a width from the list."""
     widths = mixed.normalize_bitlist(bitlist)
     bits = mixed.allocate_bits(model, widths, eps2)
