@@ -29,7 +29,8 @@ def pooled_sd(stds, counts) -> tuple[float, int]:
 def difference_is_real(mean_a: float, mean_b: float, n_a: int, n_b: int, sd: float, df: int,
                        single_seed_margin: float = 1.0) -> tuple[float, bool]:
     """(half-width, real) for the difference of two means over ``n_a`` and ``n_b`` seeds:
-    a two-sided 95% t test, real when |mean_a − mean_b| > t₀.₉₇₅(df) · sd · √(1/n_a + 1/n_b).
+    a two-sided 95% t test, real when the absolute difference exceeds
+    t₀.₉₇₅(df) · sd · √(1/n_a + 1/n_b).
 
     ``sd`` is the seed-to-seed standard deviation pooled over every run of the model
     (:func:`pooled_sd`) on ``df`` degrees of freedom, not the two groups' own: two seeds

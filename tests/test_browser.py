@@ -35,7 +35,9 @@ SCREENSHOTS = book.BUILD / "screenshots"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--disable-default-apps"]
-PAGES = ["book/intro", "book/notation", *[f"notebooks/{nb.stem}" for nb in book.notebooks()],
+PRIMER = "notebooks/00_quantization_primer"   # first in Foundations, before the notation page
+PAGES = ["book/intro", PRIMER, "book/notation",
+         *[p for p in (f"notebooks/{nb.stem}" for nb in book.notebooks()) if p != PRIMER],
          "book/usage", "book/api", "book/references"]
 
 
