@@ -67,9 +67,10 @@ def soft_histogram_counts(values: torch.Tensor, bins: int, lo: float, hi: float,
 def image_tokens(qmodel: nn.Module, image: torch.Tensor, bins: int, ranges: dict, *,
                  softness: float = 1.0, straight_through: bool = True) -> torch.Tensor:
     """The tokens of :func:`qlib.tokens.layer_histograms` for one image (C × H × W) or a
-    few (K × C × H × W, one histogram over all of them), with a gradient to the pixels. ``straight_through``: the forward value is the hard histogram
-    (so a prediction in training is the prediction at use) and the gradient is the soft
-    histogram's; otherwise both are the soft histogram's."""
+    few (K × C × H × W, one histogram over all of them), with a gradient to the pixels.
+    ``straight_through``: the forward value is the hard histogram (so a prediction in
+    training is the prediction at use) and the gradient is the soft histogram's; otherwise
+    both are the soft histogram's."""
     if image.dim() == 3:
         image = image.unsqueeze(0)
     tokens.check_images(qmodel, image)

@@ -170,13 +170,13 @@ def allocate_to_size(model: nn.Module, target_mb: float, *, widths=(2, 3, 4, 5, 
     go to the smaller ε² and then the narrower list. Returns {"bitlist", "eps2", "bits",
     "size_mb", "tried"}. A budget below every allocation raises, naming the smallest."""
     ws = normalize_bitlist(widths)
-    lists = [ws[i:j] for i in range(len(ws)) for j in range(i + 2, len(ws) + 1)]
+    lists = sorted((ws[i:j] for i in range(len(ws)) for j in range(i + 2, len(ws) + 1)), key=len)
     if not lists:
         raise ValueError(f"allocate_to_size needs at least two widths, got {widths}")
     best, smallest, tried = None, math.inf, 0
     for eps2 in sorted(eps_grid):
         lengths = layer_coding_lengths(model, eps2)
-        for bl in sorted(lists, key=len):
+        for bl in lists:
             bits = _allocate(lengths, bl, False)
             size = model_size_mb(model, bits)
             tried += 1
