@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -170,21 +171,24 @@ def voila_page(browser):
                     "run tests/test_book.py (or `make book`) first")
     port = _free_port()
     voila = Path(sys.executable).parent / "voila"
+    # the server's log goes to a file: an unread pipe fills up and then blocks the server
+    log = tempfile.TemporaryFile(mode="w+")
     server = subprocess.Popen([str(voila), str(book.REPO / "notebooks" / "explorers.ipynb"), "--no-browser",
                                f"--port={port}", "--Voila.ip=127.0.0.1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+                              stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     page = browser.new_page(viewport={"width": 1300, "height": 1400})
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
-            try:
-                page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
+            try:  # Voilà answers once it has run the notebook: wait for the first byte, then the widgets
+                page.goto(f"http://127.0.0.1:{port}/", timeout=180_000, wait_until="commit")
                 break
             except sync_api.Error:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise
+                    log.seek(0)
+                    raise AssertionError(f"Voilà did not serve the explorers; its log ends:\n{log.read()[-3000:]}")
                 time.sleep(0.5)
-        page.wait_for_function("document.querySelectorAll('.widget-output img').length >= 2", timeout=180_000)
+        page.wait_for_function("document.querySelectorAll('.widget-output img').length >= 2", timeout=240_000)
         yield page
     finally:
         page.close()
@@ -193,6 +197,7 @@ def voila_page(browser):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+        log.close()
 
 
 def _plots(page) -> list[str]:

@@ -20,7 +20,8 @@ from qlib import experiments, models, population, profiles, quant, record, study
 from qlib.graph import fold_bn
 
 PS = profiles.get("quick").predictor
-SAMPLE = 20
+# per architecture: fixed-rounding configurations (~2 s each) and learned ones (8–16 s each)
+SAMPLE_FIXED, SAMPLE_LEARNED = 8, 1
 FIXED_POINTS, LEARNED_POINTS, AGREEMENT = 0.05, 0.5, 0.999
 
 
@@ -49,7 +50,11 @@ def test_a_random_sample_rebuilds_to_the_same_labels(S, arch):
     probe = images[pop["probe_idx"]]
     ranges = {k: tuple(v) for k, v in pop["ranges"].items()}
     folded = fold_bn(model).eval()
-    for i in random.Random(f"rebuild-{arch}").sample(range(len(recs)), SAMPLE):
+    rng = random.Random(f"rebuild-{arch}")
+    learned_idx = [i for i, r in enumerate(recs) if r["config"]["rounding"] in quant.LEARNED]
+    fixed_idx = [i for i, r in enumerate(recs) if r["config"]["rounding"] not in quant.LEARNED]
+    assert learned_idx and fixed_idx, f"{arch}: the population lacks learned or fixed-rounding configurations"
+    for i in rng.sample(fixed_idx, SAMPLE_FIXED) + rng.sample(learned_idx, SAMPLE_LEARNED):
         old = recs[i]
         cfg = old["config"]
         new = population.label(cfg, model, folded, S.calib, S.test_set, probe, pop["float"]["probe_preds"],
