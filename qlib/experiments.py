@@ -94,9 +94,18 @@ def setup(profile: str = "quick", dataset: str = "fashion-mnist", archs=models.A
     val_set, test_set = data.load(dataset, "val"), data.load(dataset, "test")
     calib = data.calibration_set(train_set, n=p.quant.calib_images, seed=0)
     float_models = {a: models.pretrained(a, profile, dataset) for a in archs}
-    float_acc = {a: 100 * models.evaluate(m, test_set) for a, m in float_models.items()}
-    return Setup(p, train_set, val_set, test_set, calib, float_models, float_acc,
-                 models.resolve_device(device))
+    S = Setup(p, train_set, val_set, test_set, calib, float_models, {}, models.resolve_device(device))
+    for a, m in float_models.items():
+        # cached under the weights' and the test images' hashes: every chapter starts with this
+        # setup, and a 10k-image pass per model costs more than the rest of it
+        path = cache.path_for("float_acc", {"model": S.digest(f"model:{a}"), "test": S.digest("test"),
+                                            "device": S.device.type})
+        hit = cache.load(path)
+        if hit is None:
+            hit = {"acc": 100 * models.evaluate(m, test_set, device=S.device)}
+            cache.save(hit, path)
+        S.float_acc[a] = float(hit["acc"])
+    return S
 
 
 def run(S: Setup, arch: str, rounding: str, w_bits, a_bits: int | None = None, *, seed: int = 0,

@@ -24,7 +24,7 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import Conv2dNormActivation
 from tqdm.auto import tqdm
 
-from qlib import cache, data, profiles, record
+from qlib import cache, data, parallel, profiles, record
 from qlib.hooks import forward_hooks
 
 ARCHS = ("resnet", "mobilenetv2", "vgg")
@@ -315,6 +315,22 @@ def pretrained(arch: str, profile: str = "quick", dataset: str = "fashion-mnist"
         info = dict(info, from_cache=False, shipped=False)
     model.eval()
     return (model, info) if return_info else model
+
+
+def train_missing(archs, profile: str = "quick", dataset: str = "fashion-mnist") -> list[str]:
+    """Train, as :func:`pretrained` with ``shipped=False`` would, every architecture of
+    ``archs`` whose float model is not cached yet, and return those. On a CPU they train side
+    by side, one forked process and one torch thread each (qlib.parallel): three small models
+    at once use two cores ~1.3× better than one after another at two threads. On a GPU one
+    after another, in this process."""
+    todo = [a for a in archs if not pretrained_path(a, profile, dataset).is_file()]
+    if resolve_device("auto").type != "cpu" or len(todo) < 2:
+        for a in todo:
+            pretrained(a, profile, dataset, shipped=False)
+        return todo
+    parallel.map_forked([lambda a=a: pretrained(a, profile, dataset, shipped=False, return_info=True)[1]["seconds"]
+                         for a in todo], workers=len(todo), desc="training")
+    return todo
 
 
 def checkpoint(arch: str, profile: str = "quick", dataset: str = "fashion-mnist") -> dict:
