@@ -191,6 +191,7 @@ class OwnModel:
     a_bits: int = 8
     bitlist: tuple[int, ...] = (3, 4, 5, 6)
     seed: int = 0
+    latency_repeats: int = 20       # onnxruntime runs per latency median
 
 
 @dataclass(frozen=True)

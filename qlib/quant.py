@@ -18,7 +18,10 @@ the state dict too (``quant_report``).
 from __future__ import annotations
 
 import copy
+import json
+import os
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -537,3 +540,195 @@ def export(qmodel: nn.Module) -> dict[str, dict]:
                   "act_bits": act.bits if act is not None else None,
                   "act_signed": act.signed if act is not None else None}
     return out
+
+
+# --- ONNX: QuantizeLinear / DequantizeLinear pairs -------------------------------------------
+# Each quantized layer leaves as a standard QDQ pattern that onnxruntime (and TensorRT, and
+# OpenVINO) read: the weight as an int8 initializer behind a per-axis DequantizeLinear, the
+# input behind Clip → QuantizeLinear → DequantizeLinear. QuantizeLinear's integer types are
+# 8 bits wide before opset 21 (which adds 4-bit types, and nothing for 2, 3, 5 or 6 bits), so
+# a b-bit grid (b ≤ 8) is represented exactly inside the 8-bit one: weights are integers of
+# the b-bit range stored in int8, activations are clipped to the b-bit range's values before
+# an 8-bit QuantizeLinear, which then cannot produce anything outside it.
+
+ONNX_OPSET = 17
+
+
+class _DequantizeWeight(torch.autograd.Function):
+    """ŵ = scale · w_int, exported as DequantizeLinear(w_int, scale, 0, axis=0): a weight
+    (int8) or a bias (int32) with one scale per output channel."""
+
+    @staticmethod
+    def forward(ctx, w_int, scale, zero_point):
+        return w_int.to(scale.dtype) * scale.view(-1, *([1] * (w_int.dim() - 1)))
+
+    @staticmethod
+    def symbolic(g, w_int, scale, zero_point):
+        return g.op("DequantizeLinear", w_int, scale, zero_point, axis_i=0)
+
+
+class _QuantizeDequantize(torch.autograd.Function):
+    """ActQuant's evaluation forward, exported as Clip → QuantizeLinear → DequantizeLinear
+    (the clip only below 8 bits: at 8 the QuantizeLinear saturates at the grid's ends).
+    ``clip`` holds the grid's ends in value units, lo·step and hi·step, as Python floats."""
+
+    @staticmethod
+    def forward(ctx, x, step, zero_point, lo, hi, clip):
+        return (x / step).clamp(lo, hi).round() * step
+
+    @staticmethod
+    def symbolic(g, x, step, zero_point, lo, hi, clip):
+        if (lo, hi) not in ((-128, 127), (0, 255)):
+            x = g.op("Clip", x, *(g.op("Constant", value_t=torch.tensor(c, dtype=torch.float32)) for c in clip))
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, step, zero_point), step, zero_point)
+
+
+def bias_grid(m: QuantLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The bias of a layer with a quantized input as integer kernels hold it: int32 integers
+    on the grid of the input step times each output channel's weight step (s_x · s_w), with
+    that grid; None for a layer without a bias or with a float input."""
+    if m.bias is None or m.act is None or not m.act.enabled:
+        return None
+    step = (m.act.scale.detach().float() * m.scale.detach().flatten().float())
+    b = torch.round(m.bias.detach().float() / step)
+    if b.abs().max() >= 2 ** 31:
+        raise ValueError("a bias does not fit the int32 grid of its input and weight steps "
+                         f"(largest |bias / step| {float(b.abs().max()):.3g})")
+    return b.to(torch.int32), step
+
+
+@torch.no_grad()
+def integer_bias(qmodel: nn.Module) -> nn.Module:
+    """A copy of ``qmodel`` whose biases lie on the int32 grid of :func:`bias_grid`, as the
+    ONNX export (:func:`to_onnx`) and every integer kernel hold them: its outputs are the
+    exported model's, up to float summation order."""
+    q = copy.deepcopy(qmodel)
+    for m in quant_layers(q).values():
+        bg = bias_grid(m)
+        if bg is not None:
+            m.bias = bg[0].float() * bg[1]
+            m.frozen = None
+    return q
+
+
+class _OnnxLayer(nn.Module):
+    """A finished QuantLayer in the form the ONNX exporter turns into QDQ nodes; it computes
+    what :func:`integer_bias`'s copy of the QuantLayer computes."""
+
+    def __init__(self, m: QuantLayer):
+        super().__init__()
+        self.conv = m.conv
+        self.register_buffer("w_int", m.w_int.to(torch.int8))
+        self.register_buffer("scale", m.scale.detach().flatten().float().clone())
+        self.register_buffer("w_zero", torch.zeros(len(self.scale), dtype=torch.int8))
+        self.register_buffer("bias", None if m.bias is None else m.bias.detach().float().clone())
+        bg = bias_grid(m)
+        if bg is not None:  # a quantized input: the bias as int32 behind its own DequantizeLinear
+            self.bias = None
+            self.register_buffer("b_int", bg[0])
+            self.register_buffer("b_step", bg[1])
+            self.register_buffer("b_zero", torch.zeros(len(bg[1]), dtype=torch.int32))
+        act = m.act if m.act is not None and m.act.enabled else None
+        self.lo, self.hi = grid(act.bits, act.signed) if act is not None else (None, None)
+        if act is not None:
+            self.register_buffer("step", act.scale.detach().float().clone().reshape(()))
+            self.register_buffer("a_zero", torch.zeros((), dtype=torch.int8 if act.signed else torch.uint8))
+            self.clip = (float(self.lo * self.step), float(self.hi * self.step))
+
+    def forward(self, x):
+        if self.lo is not None:
+            x = _QuantizeDequantize.apply(x, self.step, self.a_zero, self.lo, self.hi, self.clip)
+        w = _DequantizeWeight.apply(self.w_int, self.scale, self.w_zero)
+        b = self.bias if not hasattr(self, "b_int") else _DequantizeWeight.apply(self.b_int, self.b_step, self.b_zero)
+        if self.conv is not None:
+            return F.conv2d(x, w, b, **self.conv)
+        return F.linear(x, w, b)
+
+
+def _onnx_export(model: nn.Module, path: Path, example_input: torch.Tensor, metadata: dict) -> Path:
+    """torch.onnx.export to a temporary file with a batch axis of any size, onnx.checker,
+    ``metadata`` into the model's metadata_props, then an atomic move to ``path``."""
+    try:
+        import onnx
+    except ImportError as e:
+        raise ImportError("ONNX export needs the onnx package: pip install -e '.[deploy]'") from e
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript exporter (dynamo=False) is deprecated, but it is the one that
+            # maps a torch.autograd.Function's `symbolic` straight to ONNX nodes; the dynamo
+            # exporter would need onnxscript translations for the same two functions.
+            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+            torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        proto = onnx.load(str(tmp))
+        for k, v in metadata.items():
+            proto.metadata_props.add(key=k, value=v)
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _check_example(example_input, first: nn.Module) -> torch.Tensor:
+    """One image of ``example_input``, checked against what the ``first`` layer (a Conv2d or
+    a QuantLayer) takes."""
+    x = checks.images(example_input, "example_input")
+    conv = first.conv if isinstance(first, QuantLayer) else (
+        dict(groups=first.groups) if isinstance(first, nn.Conv2d) else None)
+    if conv is not None:
+        w = first.w_int if isinstance(first, QuantLayer) else first.weight
+        channels = w.shape[1] * conv["groups"]
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise ValueError(f"example_input has shape {tuple(x.shape)}, but the model's first layer takes "
+                             f"{channels}-channel images: pass 1 × {channels} × H × W")
+    return x[:1].detach().float().cpu()
+
+
+@torch.no_grad()
+def to_onnx(qmodel: nn.Module, path: str | Path, example_input: torch.Tensor) -> Path:
+    """Write ``qmodel`` (from :func:`quantize` or :func:`load`) as a standard ONNX model with
+    QuantizeLinear/DequantizeLinear pairs: every weight an int8 initializer (the integers of
+    its b-bit grid) with one scale per output channel and zero point 0; every quantized input
+    clipped to its b-bit grid, then an 8-bit QuantizeLinear/DequantizeLinear with the learned
+    step and zero point 0 (int8 for a signed input, uint8 for an unsigned one). BatchNorm
+    stays folded; the batch axis is free. Each layer's bit widths are in the model's
+    metadata_props (``qlib.bits``). ``example_input`` (one or more images) fixes the other
+    input dimensions. Checked by ``onnx.checker``; written atomically."""
+    layers = quant_layers(qmodel)
+    if not layers:
+        raise ValueError("to_onnx() takes a quantized model (from quantize() or load()); this one has no "
+                         "QuantLayer: export a float model with float_to_onnx()")
+    unfinished = [n for n, m in layers.items() if m.v is not None]
+    if unfinished:
+        raise ValueError(f"layers {unfinished} are still being calibrated; call finalize() first")
+    wide = {n: (m.w_bits, m.act.bits if m.act is not None else None) for n, m in layers.items()
+            if m.w_bits > 8 or (m.act is not None and m.act.enabled and m.act.bits > 8)}
+    if wide:
+        raise ValueError(f"layers {sorted(wide)} have more than 8 bits (weight, activation: {wide}); ONNX "
+                         "QuantizeLinear/DequantizeLinear hold at most 8-bit integers here: quantize them "
+                         "to 8 bits or fewer")
+    model = copy.deepcopy(qmodel).cpu().eval()
+    model._state_dict_hooks.clear()  # the report (attach_report) is no tensor for the tracer
+    for n, m in quant_layers(model).items():
+        set_module(model, n, _OnnxLayer(m))
+    bits = {n: {"w_bits": m.w_bits, "a_bits": m.act.bits if m.act is not None and m.act.enabled else None}
+            for n, m in layers.items()}
+    return _onnx_export(model, path, _check_example(example_input, next(iter(layers.values()))),
+                        {"qlib.format": "qdq/1", "qlib.bits": json.dumps(bits)})
+
+
+@torch.no_grad()
+def float_to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor) -> Path:
+    """The float reference of :func:`to_onnx`: ``model`` with its BatchNorms folded (as the
+    quantized export has them), in ONNX with float weights."""
+    if quant_layers(model):
+        raise ValueError("float_to_onnx() takes a float model; export a quantized one with to_onnx()")
+    fp = fold_bn(model).cpu().eval()
+    first = checks.first_layer(fp)
+    return _onnx_export(fp, path, _check_example(example_input, first[1] if first else fp), {"qlib.format": "float/1"})
