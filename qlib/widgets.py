@@ -42,10 +42,10 @@ def plot_tau_explorer(d: dict, axes=None):
     ax1.bar(d["grid"], d["prob"], color="tab:blue", alpha=0.8)
     ax1.axvline(d["v"], color="tab:red", ls="--", label=f"w/s = {d['v']:.2f}")
     ax1.set(xlabel="grid point q (integer)", ylabel="P(⌊w/s + α⌉ = q)", ylim=(0, 1.05),
-            title=f"eq. 2: where the weight can land (τ = {d['tau']:.2f}, {d['bits']} bits)")
+            title=f"eq. 2: start after one draw of α (τ = {d['tau']:.2f}, {d['bits']} bits)")
     ax1.legend(loc="upper left")
-    ax2.plot(d["alpha"], d["factor_pos"], label="∂L/∂z > 0: Φ(α/τ)")
-    ax2.plot(d["alpha"], d["factor_neg"], label="∂L/∂z ≤ 0: 1 − Φ(α/τ)")
+    ax2.plot(d["alpha"], d["factor_pos"], label="∂L/∂z > 0: Φ(α/σ), σ = τ")
+    ax2.plot(d["alpha"], d["factor_neg"], label="∂L/∂z ≤ 0: 1 − Φ(α/σ)")
     ax2.set(xlabel="α (grid steps)", ylabel="∂z/∂α", ylim=(-0.05, 1.05), title="eq. 6: backward factor")
     ax2.legend(loc="center right")
     return axes
