@@ -280,6 +280,13 @@ def pretrained_path(arch: str, profile: str = "quick", dataset: str = "fashion-m
     return cache.path_for("models", _spec(arch, profile, dataset))
 
 
+def available(arch: str, profile: str = "quick", dataset: str = "fashion-mnist") -> bool:
+    """Whether :func:`pretrained` would load ``arch`` (shipped or cached) rather than train it."""
+    spec = _spec(arch, profile, dataset)
+    return record.float_checkpoint(arch, profile, cache.key(spec)) is not None or pretrained_path(
+        arch, profile, dataset).is_file()
+
+
 def pretrained(arch: str, profile: str = "quick", dataset: str = "fashion-mnist",
                device: str | torch.device = "auto", return_info: bool = False, shipped: bool = True):
     """The trained float model of ``arch`` for a profile: the checkpoint the profile ships

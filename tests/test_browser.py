@@ -166,8 +166,8 @@ def _free_port() -> int:
 def voila_page(browser):
     """notebooks/explorers.ipynb served by Voilà on a free port of 127.0.0.1, opened in the
     browser once both widgets have drawn; the server is shut down afterwards."""
-    if not models.pretrained_path("resnet", "quick").is_file():
-        pytest.skip("the bit-list picker loads chapter 0's float ResNet, which is not cached yet: "
+    if not models.available("resnet", "quick"):
+        pytest.skip("the bit-list picker loads the float ResNet, which is neither shipped nor cached: "
                     "run tests/test_book.py (or `make book`) first")
     port = _free_port()
     voila = Path(sys.executable).parent / "voila"
