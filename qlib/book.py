@@ -78,6 +78,12 @@ def _execute_once(nb: Path, profile: str, out_dir: Path, timeout: float | None) 
     partial = out_dir / f".{nb.stem}.partial.ipynb"
     out.unlink(missing_ok=True)
     start = time.perf_counter()
+    # Progress bars are ipywidgets in a kernel: nobody watches them in a papermill run (the
+    # book drops widget views), and a kernel and papermill have been seen stalling on widget
+    # messages (chapter 1 once took 1,648 s for 430 s of cells, its 1,200 s cell limit
+    # spent), so the kernel starts with tqdm's bars off. In JupyterLab they show as usual.
+    tqdm_before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
     try:
         papermill.execute_notebook(
             str(nb), str(partial), parameters={"profile": profile}, cwd=str(nb.parent),
@@ -87,6 +93,11 @@ def _execute_once(nb: Path, profile: str, out_dir: Path, timeout: float | None) 
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    finally:
+        if tqdm_before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_before
     os.replace(partial, out)
     print(f"executed {nb.name} ({profile}) in {time.perf_counter() - start:.0f} s", flush=True)
     return out

@@ -109,7 +109,7 @@ def test_chapter5_predictor_protocol():
     estimate it corrects (by more than half a point)."""
     v = _values("05_accuracy_predictor")
     assert int(v["min_test_configs"]) >= 200, "fewer than 200 held-out configurations per architecture"
-    assert int(v["n_runs"]) >= 15
+    assert int(v["n_runs"]) >= 9  # at least 3 splits × 3 fitting seeds behind every headline number
     for t in ("top-1", "residual"):
         mae = float(v[f"enc_mae_{t}"])
         assert 0 < mae < 5.0, f"{t} encoder: held-out MAE {mae:.2f} points: it has not learned the population"
