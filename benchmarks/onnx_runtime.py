@@ -60,7 +60,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     test = data.load("fashion-mnist", "test") if args.parity else None
     print(f"onnxruntime CPU, {args.threads} intra-op threads; latency = median of {args.repeats} runs (ms)")
-    head = f"{'model':14s}{'setting':8s}{'file MB':>9s}" + "".join(f"{'batch ' + str(b) + ' ms':>11s} (speed-up)" for b in args.batches)
+    head = f"{'model':14s}{'setting':8s}{'file MB':>9s}" + "".join(f"{'batch ' + str(b) + ' ms':>14s} (×float)" for b in args.batches)
     print(head + ("  top-1 qlib  top-1 ort  agree%" if args.parity else "") + "  integer kernels")
     for name in args.models:
         model, calib, shape = case(name)
@@ -81,7 +81,7 @@ def main() -> None:
                 reps = args.repeats if b * shape[-1] ** 2 <= 256 * 28 * 28 else max(3, args.repeats // 4)
                 ms = 1e3 * deploy.latency(sess, x, repeats=reps)
                 base.setdefault(b, ms)
-                row += f"{ms:10.2f} " + (f"({base[b] / ms:4.2f}x)" if setting != "float" else " " * 8)
+                row += f"{ms:14.2f} " + (f"({base[b] / ms:5.2f}×)" if setting != "float" else " " * 9)
             if args.parity and q is not None and name != "resnet18-224":
                 r = deploy.parity(q, sess, test)
                 row += f"  {r['top1_qlib']:10.2f} {r['top1_onnx']:10.2f} {r['agreement']:7.2f}"
