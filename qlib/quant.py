@@ -18,8 +18,10 @@ the state dict too (``quant_report``).
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
+import tempfile
 import time
 import warnings
 import weakref
@@ -543,9 +545,10 @@ def export(qmodel: nn.Module) -> dict[str, dict]:
 
 
 # --- ONNX: QuantizeLinear / DequantizeLinear pairs -------------------------------------------
-# Each quantized layer leaves as a standard QDQ pattern that onnxruntime (and TensorRT, and
-# OpenVINO) read: the weight as an int8 initializer behind a per-axis DequantizeLinear, the
-# input behind Clip → QuantizeLinear → DequantizeLinear. QuantizeLinear's integer types are
+# Each quantized layer leaves as the standard QDQ pattern that onnxruntime reads: the weight
+# as an int8 initializer behind a per-axis DequantizeLinear, the input behind Clip →
+# QuantizeLinear → DequantizeLinear, the bias as int32 (TensorRT's parser is reported to refuse an int32
+# DequantizeLinear; onnxruntime's integer kernels need it). QuantizeLinear's integer types are
 # 8 bits wide before opset 21 (which adds 4-bit types, and nothing for 2, 3, 5 or 6 bits), so
 # a b-bit grid (b ≤ 8) is represented exactly inside the 8-bit one: weights are integers of
 # the b-bit range stored in int8, activations are clipped to the b-bit range's values before
@@ -583,18 +586,27 @@ class _QuantizeDequantize(torch.autograd.Function):
         return g.op("DequantizeLinear", g.op("QuantizeLinear", x, step, zero_point), step, zero_point)
 
 
-def bias_grid(m: QuantLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
+def bias_grid(m: QuantLayer, name: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The bias of a layer with a quantized input as integer kernels hold it: int32 integers
     on the grid of the input step times each output channel's weight step (s_x · s_w), with
-    that grid; None for a layer without a bias or with a float input."""
+    that grid and the weight steps; None for a layer without a bias or with a float input.
+    A channel whose integer weights are all 0 has an arbitrary weight step (ŵ is 0 whatever
+    it is), so it is raised until its bias fits in int32: the step search can leave it at
+    1e-10, where a bias of 0.1 would need 2³⁰ times the int32 range."""
     if m.bias is None or m.act is None or not m.act.enabled:
         return None
-    step = (m.act.scale.detach().float() * m.scale.detach().flatten().float())
-    b = torch.round(m.bias.detach().float() / step)
-    if b.abs().max() >= 2 ** 31:
-        raise ValueError("a bias does not fit the int32 grid of its input and weight steps "
-                         f"(largest |bias / step| {float(b.abs().max()):.3g})")
-    return b.to(torch.int32), step
+    s_x, b = m.act.scale.detach().float(), m.bias.detach().float()
+    s_w = m.scale.detach().flatten().float()
+    dead = (m.w_int.flatten(1) == 0).all(1)
+    s_w = torch.where(dead, torch.maximum(s_w, b.abs() / (s_x * 2 ** 30)), s_w)
+    step = s_x * s_w
+    q = torch.round(b / step)
+    if q.abs().max() >= 2 ** 31:
+        c = int(q.abs().argmax())
+        raise ValueError(f"layer {name or '?'}: the bias of output channel {c} ({float(b[c]):.3g}) does not fit "
+                         f"the int32 grid of its input step × weight step ({float(step[c]):.3g}); quantize this "
+                         "layer with more weight bits or leave its input in float")
+    return q.to(torch.int32), step, s_w
 
 
 @torch.no_grad()
@@ -603,8 +615,8 @@ def integer_bias(qmodel: nn.Module) -> nn.Module:
     ONNX export (:func:`to_onnx`) and every integer kernel hold them: its outputs are the
     exported model's, up to float summation order."""
     q = copy.deepcopy(qmodel)
-    for m in quant_layers(q).values():
-        bg = bias_grid(m)
+    for n, m in quant_layers(q).items():
+        bg = bias_grid(m, n)
         if bg is not None:
             m.bias = bg[0].float() * bg[1]
             m.frozen = None
@@ -615,16 +627,17 @@ class _OnnxLayer(nn.Module):
     """A finished QuantLayer in the form the ONNX exporter turns into QDQ nodes; it computes
     what :func:`integer_bias`'s copy of the QuantLayer computes."""
 
-    def __init__(self, m: QuantLayer):
+    def __init__(self, m: QuantLayer, name: str = ""):
         super().__init__()
         self.conv = m.conv
         self.register_buffer("w_int", m.w_int.to(torch.int8))
         self.register_buffer("scale", m.scale.detach().flatten().float().clone())
         self.register_buffer("w_zero", torch.zeros(len(self.scale), dtype=torch.int8))
         self.register_buffer("bias", None if m.bias is None else m.bias.detach().float().clone())
-        bg = bias_grid(m)
+        bg = bias_grid(m, name)
         if bg is not None:  # a quantized input: the bias as int32 behind its own DequantizeLinear
             self.bias = None
+            self.scale = bg[2].clone()
             self.register_buffer("b_int", bg[0])
             self.register_buffer("b_step", bg[1])
             self.register_buffer("b_zero", torch.zeros(len(bg[1]), dtype=torch.int32))
@@ -654,21 +667,31 @@ def _onnx_export(model: nn.Module, path: Path, example_input: torch.Tensor, meta
         raise ImportError("ONNX export needs the onnx package: pip install -e '.[deploy]'") from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    # The TorchScript exporter maps a torch.autograd.Function's `symbolic` straight to ONNX
+    # nodes; the dynamo exporter (the default from torch 2.9) would need onnxscript
+    # translations for the same functions. torch before 2.5 has no `dynamo` argument.
+    kw = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     try:
         with warnings.catch_warnings():
-            # The TorchScript exporter (dynamo=False) is deprecated, but it is the one that
-            # maps a torch.autograd.Function's `symbolic` straight to ONNX nodes; the dynamo
-            # exporter would need onnxscript translations for the same two functions.
-            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
-            torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))  # that exporter's deprecation
+            try:
+                torch.onnx.export(model, (example_input,), str(tmp), opset_version=ONNX_OPSET,
+                                  input_names=["input"], output_names=["logits"],
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kw)
+            except Exception as e:
+                raise ValueError(f"torch.onnx.export could not export this model ({type(e).__name__}: {e}); "
+                                 f"the export takes Conv2d/Linear layers and the operators of ONNX opset "
+                                 f"{ONNX_OPSET}: replace the module it names, or export its parts separately") from e
         proto = onnx.load(str(tmp))
         for k, v in metadata.items():
             proto.metadata_props.add(key=k, value=v)
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -707,7 +730,7 @@ def to_onnx(qmodel: nn.Module, path: str | Path, example_input: torch.Tensor) ->
     unfinished = [n for n, m in layers.items() if m.v is not None]
     if unfinished:
         raise ValueError(f"layers {unfinished} are still being calibrated; call finalize() first")
-    wide = {n: (m.w_bits, m.act.bits if m.act is not None else None) for n, m in layers.items()
+    wide = {n: (m.w_bits, m.act.bits if m.act is not None and m.act.enabled else None) for n, m in layers.items()
             if m.w_bits > 8 or (m.act is not None and m.act.enabled and m.act.bits > 8)}
     if wide:
         raise ValueError(f"layers {sorted(wide)} have more than 8 bits (weight, activation: {wide}); ONNX "
@@ -716,7 +739,7 @@ def to_onnx(qmodel: nn.Module, path: str | Path, example_input: torch.Tensor) ->
     model = copy.deepcopy(qmodel).cpu().eval()
     model._state_dict_hooks.clear()  # the report (attach_report) is no tensor for the tracer
     for n, m in quant_layers(model).items():
-        set_module(model, n, _OnnxLayer(m))
+        set_module(model, n, _OnnxLayer(m, n))
     bits = {n: {"w_bits": m.w_bits, "a_bits": m.act.bits if m.act is not None and m.act.enabled else None}
             for n, m in layers.items()}
     return _onnx_export(model, path, _check_example(example_input, next(iter(layers.values()))),

@@ -1,11 +1,13 @@
 """A quantized model leaves qlib as ONNX (QuantizeLinear/DequantizeLinear pairs) and
 onnxruntime computes what qlib computes; a wrong scale or zero point is caught."""
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from qlib import deploy, models, quant
+from qlib import deploy, models, quant, rounding
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -30,7 +32,8 @@ def _rel_err(a, b):
 
 
 @pytest.mark.parametrize("arch,w_bits,a_bits", [("resnet", 4, 8), ("mobilenetv2", 4, 8), ("vgg", 4, 8),
-                                                ("vgg", 3, 4), ("mobilenetv2", 8, None)])
+                                                ("vgg", 3, 4), ("mobilenetv2", 4, 4), ("mobilenetv2", 8, None),
+                                                ("resnet", 8, 8)])
 def test_export_round_trips_through_onnxruntime(arch, w_bits, a_bits, tmp_path):
     m = _trained_like(arch)
     calib, x = torch.randn(64, 1, 28, 28), torch.randn(16, 1, 28, 28)
@@ -48,11 +51,28 @@ def test_export_round_trips_through_onnxruntime(arch, w_bits, a_bits, tmp_path):
     assert "BatchNormalization" not in ops
     int8_weights = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1]
     assert len(int8_weights) == len(layers)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    assert '"w_bits": %d' % w_bits in meta["qlib.bits"]
-    for init in int8_weights:  # integers of the b-bit grid (first/last layers at 8 bits)
-        w = onnx.numpy_helper.to_array(init)
-        assert -128 <= w.min() and w.max() <= 127
+    bits = json.loads({p.key: p.value for p in proto.metadata_props}["qlib.bits"])
+    assert {n: b["w_bits"] for n, b in bits.items()} == {n: m.w_bits for n, m in layers.items()}
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "Identity"}
+
+    def value(name):  # through the Identity nodes the exporter puts on shared constants
+        while name not in inits:
+            name = alias[name]
+        return inits[name]
+
+    for n, m in layers.items():  # each weight's integers inside its own b-bit grid, and qlib's
+        w = value(f"{n}.w_int")
+        lo, hi = rounding.grid(m.w_bits)
+        assert lo <= w.min() and w.max() <= hi and np.array_equal(w, m.w_int.numpy())
+    # zero points 0, int8 for signed inputs and uint8 for unsigned ones (the exporter shares
+    # equal constants between layers, so they are read off the QuantizeLinear nodes)
+    zeros = [value(n.input[2]) for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert all(int(z) == 0 for z in zeros)
+    assert {z.dtype for z in zeros} == {np.dtype(np.int8 if m.act.signed else np.uint8) for m in layers.values()
+                                        if m.act is not None and m.act.enabled}
+    # below 8 bits a Clip holds the input to its b-bit grid (MobileNetV2's ReLU6 adds its own)
+    assert ops.get("Clip", 0) >= sum(m.act is not None and m.act.enabled and m.act.bits < 8 for m in layers.values())
 
 
 def _tamper(path, out, what):
@@ -161,3 +181,38 @@ def test_bad_exports_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no ONNX model at"):
         deploy.session(tmp_path / "missing.onnx")
     assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_failed_export_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    m = _trained_like("vgg")
+    calib = torch.randn(64, 1, 28, 28)
+    q = quant.quantize(m, calib, w_bits=4, a_bits=8, rounding="nearest", progress=False)
+    path = quant.to_onnx(q, tmp_path / "q.onnx", calib[:1])
+    before = path.read_bytes()
+
+    def broken(*a, **k):
+        raise RuntimeError("checker failed")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken)
+    with pytest.raises(RuntimeError, match="checker failed"):
+        quant.to_onnx(q, path, calib[:1])
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
+
+
+def test_a_dead_channel_gets_a_weight_step_its_bias_fits(tmp_path):
+    """A channel whose weights all round to 0 has a tiny weight step after the search; its
+    bias would overflow int32 at input step × weight step unless the step is raised."""
+    m = _trained_like("vgg")
+    with torch.no_grad():
+        m.features[3].weight[0].zero_()   # the second conv: its input is quantized
+        m.features[4].running_var[0] = 1.0
+        m.features[4].bias[0] = 0.5
+    calib, x = torch.randn(64, 1, 28, 28), torch.randn(16, 1, 28, 28)
+    q = quant.quantize(m, calib, w_bits=4, a_bits=8, rounding="nearest", progress=False)
+    layer = quant.quant_layers(q)["features.3"]
+    assert bool((layer.w_int[0] == 0).all()) and float(layer.act.scale * layer.scale.flatten()[0]) * 2 ** 31 < 0.5
+    path = quant.to_onnx(q, tmp_path / "q.onnx", calib[:1])
+    with torch.no_grad():
+        ref = quant.integer_bias(q)(x).numpy()
+    assert _rel_err(_onnx_out(path, x), ref) < 1e-3
