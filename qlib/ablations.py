@@ -171,8 +171,9 @@ def budget_runs(S: Setup, hp: dict[str, dict]) -> list[dict]:
     out = []
     for a, n, it in tqdm(jobs, desc="calibration budget"):
         Sn = S if n == S.quant.calib_images else dataclasses.replace(S, calib=calib_all[:n])
+        # a grid point with fewer images than the profile's batch draws all of them per step
         out.append(experiments.run(Sn, a, "attention", A.budget_w_bits, seed=0, iters=it,
-                                   tags={"n_calib": n}, **hp[a]))
+                                   batch_size=min(S.quant.batch_size, n), tags={"n_calib": n}, **hp[a]))
     return out
 
 

@@ -241,7 +241,7 @@ def main(argv=None) -> None:
     """``python -m qlib.book {execute,build,all} [--profile quick|paper]``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("step", choices=["execute", "build", "all"])
-    p.add_argument("--profile", default=os.environ.get("PROFILE", "quick"), choices=["quick", "paper"])
+    p.add_argument("--profile", default=os.environ.get("PROFILE", "quick"), choices=sorted(profiles.PROFILES))
     args = p.parse_args(argv)
     if args.step in ("execute", "all"):
         execute(args.profile)

@@ -196,6 +196,19 @@ def classes(name: str = "fashion-mnist") -> tuple[str, ...]:
     return {"fashion-mnist": FASHION_MNIST_CLASSES, "cifar10": CIFAR10_CLASSES}[name]
 
 
+def subset(dataset: TensorDataset, n: int | None, seed: int = 0) -> TensorDataset:
+    """A fixed random subset of ``n`` examples with their labels (``None``: ``dataset``
+    itself), the same for the same ``seed``: how a scaled profile shrinks the training and
+    test sets (qlib.profiles.scaled)."""
+    if n is None:
+        return dataset
+    size = len(dataset.tensors[0])
+    if not 0 < n <= size:
+        raise ValueError(f"subset size n={n} must be in 1..{size} (the dataset size), or None for all of it")
+    idx = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
+    return TensorDataset(*(t[idx] for t in dataset.tensors))
+
+
 def calibration_set(dataset: TensorDataset, n: int = 1024, seed: int = 0) -> torch.Tensor:
     """A fixed random subset of ``n`` images (no labels: PTQ calibration is label-free),
     the same for the same ``seed``."""

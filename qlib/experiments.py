@@ -91,7 +91,9 @@ def setup(profile: str = "quick", dataset: str = "fashion-mnist", archs=models.A
     if quant_profile is not None:
         p = dataclasses.replace(p, quant=profiles.get(quant_profile).quant)
     train_set = data.load(dataset, "train")
-    val_set, test_set = data.load(dataset, "val"), data.load(dataset, "test")
+    # a scaled profile's fixed random share of the held-out images (None: all of them)
+    val_set = data.subset(data.load(dataset, "val"), p.val_subset)
+    test_set = data.subset(data.load(dataset, "test"), p.test_subset)
     calib = data.calibration_set(train_set, n=p.quant.calib_images, seed=0)
     float_models = {a: models.pretrained(a, profile, dataset) for a in archs}
     S = Setup(p, train_set, val_set, test_set, calib, float_models, {}, models.resolve_device(device))

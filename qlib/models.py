@@ -310,7 +310,8 @@ def pretrained(arch: str, profile: str = "quick", dataset: str = "fashion-mnist"
         settings = profiles.get(profile).train.as_dict()
         torch.manual_seed(settings["seed"])
         model = build(arch)
-        train_set, val_set = data.load(dataset, "train"), data.load(dataset, "val")
+        train_set = data.subset(data.load(dataset, "train"), settings.pop("train_images", None))
+        val_set = data.load(dataset, "val")
         hist = train(model, train_set, val_set, device=device, desc=f"train {arch}", **settings)
         model.cpu()
         info = {"history": {k: hist[k] for k in ("train_loss", "train_acc", "val_acc")},

@@ -23,10 +23,17 @@ class Train:
     weight_decay: float = 5e-4
     augment: bool = False           # random flips and ±2-pixel shifts
     seed: int = 0                   # initialisation, batch order and augmentation
+    # a fixed random subset of the training images (seed 0; None: all 55,000): only a
+    # scaled profile (:func:`scaled`) uses it, to prove a code path in seconds
+    train_images: int | None = None
 
     def as_dict(self) -> dict:
-        """Keyword arguments of models.train (also the float models' cache key)."""
-        return dataclasses.asdict(self)
+        """The training settings (also the float models' cache key); ``train_images`` only
+        when set, so the keys of the profiles that train on every image stay as they were."""
+        d = dataclasses.asdict(self)
+        if d["train_images"] is None:
+            del d["train_images"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,7 @@ class Profile:
     ablation: Ablation = field(default_factory=Ablation)
     own_model: OwnModel = field(default_factory=OwnModel)
     test_subset: int | None = None  # None: the full 10k test set
+    val_subset: int | None = None   # None: the full 5k validation split
     # seconds one chapter cell may run before qlib.book counts the run as hung and runs the
     # chapter again; None: no limit (the paper profile's cells may take hours on a GPU)
     cell_timeout: float | None = None
@@ -269,6 +277,64 @@ PROFILES: dict[str, Profile] = {
         quant=Quant(),  # the papers' settings are the defaults above
     ),
 }
+
+
+#: The fields :func:`scaled` may change, per section: how much work a run does (images,
+#: steps, epochs, population sizes, repeats), never what it runs (rows, settings, seeds,
+#: switches, learning-rate and τ grids, model sizes). A tuple-valued count (a grid of image
+#: or step counts) keeps its length: the same grid points, shrunk.
+COUNTS: dict[str, tuple[str, ...]] = {
+    "train": ("epochs", "train_images"),
+    "quant": ("calib_images", "iters", "batch_size"),
+    "predictor": ("configs", "probe_images", "epochs", "patience"),
+    "one_image": ("steps", "eval_every", "patience", "pool", "judge_draws", "judge_val_draws",
+                  "k_draws", "bn_steps", "population"),
+    "ablation": ("calib_grid", "iters_grid", "probe_grid", "population"),
+    "own_model": ("calib_images", "eval_images", "iters", "batch_size", "latency_repeats"),
+    "profile": ("test_subset", "val_subset", "cell_timeout"),
+}
+
+
+def scaled(base: Profile, name: str, counts: dict[str, dict]) -> Profile:
+    """``base`` with only its counts changed: ``counts`` maps a section of :data:`COUNTS`
+    (``"quant"``, …; ``"profile"`` for the top-level fields) to ``{field: value}``. Every
+    row, setting, seed list, switch and grid stays ``base``'s, so a run of the result takes
+    every branch ``base`` takes, in a fraction of the time::
+
+        small = scaled(PROFILES["paper"], "paper-small", {"quant": {"iters": 2}})
+    """
+    sections = {}
+    for section, changes in counts.items():
+        if section not in COUNTS:
+            raise ValueError(f"unknown section {section!r}; choose one of {sorted(COUNTS)}")
+        bad = sorted(set(changes) - set(COUNTS[section]))
+        if bad:
+            raise ValueError(f"{section}: {', '.join(bad)} are not counts a scaled profile may change "
+                             f"(those are: {', '.join(COUNTS[section])})")
+        current = base if section == "profile" else getattr(base, section)
+        for k, v in changes.items():
+            old = getattr(current, k)
+            if isinstance(old, tuple) and (not isinstance(v, tuple) or len(v) != len(old)):
+                raise ValueError(f"{section}.{k}: a grid keeps its {len(old)} points, got {v!r}")
+        if section != "profile":
+            sections[section] = dataclasses.replace(current, **changes)
+    return dataclasses.replace(base, name=name, **sections, **counts.get("profile", {}))
+
+
+PROFILES["paper-small"] = scaled(PROFILES["paper"], "paper-small", {
+    # the paper profile's every row, seed, τ, switch and grid, with each count shrunk so all
+    # ten chapters run in a few minutes on two CPU cores (CI: tests/test_paper_small.py). Its
+    # numbers mean nothing (float models trained one epoch on 2,048 images, one or two Adam
+    # steps per unit): it proves the code path that `PROFILE=paper make book` takes on a GPU
+    "train": {"epochs": 1, "train_images": 2048},
+    "quant": {"calib_images": 32, "iters": 2, "batch_size": 16},
+    "predictor": {"configs": 6, "probe_images": 32, "epochs": 2, "patience": 1},
+    "one_image": {"steps": 2, "eval_every": 1, "patience": 1, "pool": 4, "judge_draws": 1,
+                  "judge_val_draws": 1, "k_draws": 2, "bn_steps": 2},
+    "ablation": {"calib_grid": (4, 8, 16, 32), "iters_grid": (0, 1, 2, 4), "probe_grid": (8, 16, 32)},
+    "own_model": {"calib_images": 4, "eval_images": 4, "iters": 1, "batch_size": 2, "latency_repeats": 1},
+    "profile": {"test_subset": 512, "val_subset": 256, "cell_timeout": 300},
+})
 
 
 def get(profile: str) -> Profile:
