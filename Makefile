@@ -4,6 +4,7 @@
 #               the built book and the widgets in a real browser
 #   make serve    the built book on http://127.0.0.1:$(PORT)/
 #   make widgets  the τ explorer and the bit-list picker, live (Voilà on 127.0.0.1)
+#   make paper-record  every chapter in the paper profile (CUDA when present) → results/paper/
 PYTHON     ?= python3
 VENV       ?= .venv
 PROFILE    ?= quick
@@ -14,7 +15,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.qlib-installed
 
-.PHONY: book test setup data browser serve widgets clean
+.PHONY: book test setup data browser serve widgets paper-record clean
 
 book: setup
 	$(PY) -m qlib.book all --profile $(PROFILE)
@@ -57,6 +58,12 @@ serve:
 	@test -f _build/site/_build/html/index.html || (echo "no built book: run make book first" && exit 1)
 	@echo "the book: http://127.0.0.1:$(PORT)/  (Ctrl-C stops)"
 	$(PY) -m http.server $(PORT) --bind 127.0.0.1 --directory _build/site/_build/html
+
+# The paper profile on the machine this runs on (meant for a GPU): each chapter's glued
+# values and the environment (device, torch/CUDA, date, commit, wall per chapter) in
+# results/paper/, which the book's page "The paper profile" renders once committed.
+paper-record: setup
+	$(PY) -m qlib.paper_record --profile paper
 
 widgets: setup
 	$(VENV)/bin/voila notebooks/explorers.ipynb --port=$(PORT) --Voila.ip=127.0.0.1 --no-browser
