@@ -136,12 +136,33 @@ MATHJAX_PARTS = ("tex-chtml-full.js", "output/chtml", "input", "ui", "a11y")
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
+def widget_pictures(state: dict, model_id: str) -> list[dict]:
+    """What a widget showed when it was executed, as plain notebook outputs: the outputs of
+    every Output widget (its plots) and the text of every HTML widget (its readouts) in the
+    tree under ``model_id``, in order; controls (buttons, sliders) are left out. ``state``
+    is the notebook's saved widget state (``metadata.widgets``)."""
+    model = state.get(model_id)
+    if model is None:
+        return []
+    name, st = model.get("model_name"), model.get("state", {})
+    if name == "OutputModel":
+        return [o for o in st.get("outputs", []) if o.get("output_type") in ("display_data", "stream")]
+    if name == "HTMLModel":
+        return [{"output_type": "display_data", "metadata": {}, "data": {"text/html": st.get("value", "")}}]
+    out = []
+    for child in st.get("children", []):
+        out += widget_pictures(state, child.removeprefix("IPY_MODEL_"))
+    return out
+
+
 def _stage_notebook(executed: Path, staged: Path) -> None:
     """Copy an executed chapter for the book, hiding the parameters cell and the one
-    papermill injected (the prose states the profile through glue), without widget views."""
+    papermill injected (the prose states the profile through glue), with each widget
+    replaced by the pictures and readouts it drew at execution (:func:`widget_pictures`)."""
     import nbformat
 
     nb = nbformat.read(executed, as_version=4)
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
     for cell in nb.cells:
         tags = cell.metadata.get("tags", [])
         if "parameters" in tags or "injected-parameters" in tags:
@@ -150,7 +171,11 @@ def _stage_notebook(executed: Path, staged: Path) -> None:
         # change nothing, and drawing it would pull the widget manager from a CDN. The
         # picture it drew at execution stays; `make widgets` serves the live version.
         if cell.cell_type == "code":
-            cell.outputs = [o for o in cell.outputs if WIDGET_VIEW not in o.get("data", {})]
+            outputs = []
+            for o in cell.outputs:
+                view = o.get("data", {}).get(WIDGET_VIEW)
+                outputs += [nbformat.from_dict(p) for p in widget_pictures(state, view["model_id"])] if view else [o]
+            cell.outputs = outputs
     nb.metadata.pop("widgets", None)
     nbformat.write(nb, staged)
 

@@ -116,33 +116,221 @@ def plot_bit_allocation(d: dict, ax=None, first_last_bits: int = 8, title: str |
     return ax
 
 
-def bit_picker(model, bitlist=(3, 4, 5, 6), eps2: float | None = None):
-    """Toggle buttons for the candidate widths 2..8 and an ε² slider (default
-    :data:`qlib.mixed.EPS2`), driving the per-layer allocation plot and the model size
-    against single precision."""
-    import ipywidgets as W
+ACT_CHOICES = {"float": None, "8 bits": 8, "6 bits": 6, "4 bits": 4}   # the picker's activation widths
+
+
+def picker_context(model, trained: dict, calib: torch.Tensor, test_set) -> dict:
+    """What the bit-list picker's estimates share, computed once: the float model, chapter 5's
+    trained predictor for its architecture (:func:`qlib.study.trained_predictor`), the
+    calibration images for the activation steps, the test set for "measure", and the float
+    model's per-image correctness on the predictor's probe images (the paired estimate's
+    other half)."""
+    from qlib import tokens
+
+    fl = tokens.histogram_pass(model.eval(), trained["probe"], trained["bins"], trained["ranges"],
+                               labels=trained["probe_labels"])
+    return {"model": model, "trained": trained, "calib": calib, "test_set": test_set,
+            "float_probe_correct": fl["preds"] == trained["probe_labels"], "tried": []}
+
+
+def paired_interval(q_correct: torch.Tensor, f_correct: torch.Tensor, z: float = 1.96) -> float:
+    """Half-width (points) of the paired estimate's ≈95% interval: z standard errors of the
+    mean per-image difference (quantized − float correct, each −1, 0 or 1) over the probe
+    images. With no disagreement at all, the rule of three: 300/n points (95% upper bound
+    on a disagreement rate never observed in n images)."""
+    d = q_correct.float() - f_correct.float()
+    n = len(d)
+    if int((d != 0).sum()) == 0:
+        return 300.0 / n
+    return float(100 * z * d.std(unbiased=True) / n ** 0.5)
+
+
+def allocation_estimate(ctx: dict, bitlist, eps2: float, a_bits: int | None) -> dict:
+    """For the picker's current choice: Algorithm 1's allocation of ``bitlist`` at ``eps2``
+    (:func:`bit_picker_data`), quantized with nearest rounding (activation steps by the
+    MSE search at ``a_bits``; None: float activations), and its estimated top-1 (%) from
+    chapter 5's predictor (:func:`qlib.predictor.predict`), with the paired probe estimate and
+    its ≈95% half-width (:func:`paired_interval`). Also ``qmodel`` (for "measure") and
+    ``seconds``. Appended to ``ctx["tried"]`` (the frontier the plot keeps)."""
+    import time
+
+    from qlib import predictor, quant, tokens
+
+    start = time.perf_counter()
+    d = bit_picker_data(ctx["model"], bitlist, eps2)
+    tr = ctx["trained"]
+    q = quant.quantize(ctx["model"], ctx["calib"], w_bits=d["bits"], a_bits=a_bits, rounding="nearest",
+                       progress=False)
+    out = tokens.histogram_pass(q, tr["probe"], tr["bins"], tr["ranges"], labels=tr["probe_labels"])
+    paired = tr["float_acc"] + out["acc"] - tr["float_probe_acc"]
+    estimate = predictor.predict(tr, q)
+    half = paired_interval(out["preds"] == tr["probe_labels"], ctx["float_probe_correct"])
+    d.update(a_bits=a_bits, qmodel=q, estimate=estimate, paired=paired, half_width=half,
+             float_acc=tr["float_acc"], seconds=time.perf_counter() - start, measured=None)
+    ctx["tried"].append({k: d[k] for k in ("bitlist", "eps2", "a_bits", "size_mb", "estimate", "half_width")})
+    return d
+
+
+def measure(ctx: dict, d: dict) -> float:
+    """The real top-1 (%) of :func:`allocation_estimate`'s quantized model on the test set,
+    stored in ``d["measured"]``."""
+    from qlib import models
+
+    d["measured"] = 100 * models.evaluate(d["qmodel"], ctx["test_set"])
+    return d["measured"]
+
+
+def plot_frontier(ctx: dict, d: dict, ax=None, singles: dict | None = None):
+    """Model size against estimated top-1 for every allocation tried since the picker opened
+    (grey), the current one (blue, with its interval and, once measured, the measured top-1
+    as a red cross) and the single-precision models ``singles`` {bits: (MB, estimate)}."""
     import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.6))
+    tried = ctx["tried"][:-1]
+    if tried:
+        ax.scatter([1e3 * t["size_mb"] for t in tried], [t["estimate"] for t in tried], color="gray",
+                   alpha=0.6, s=18, label="tried")
+    for b, (mb, est) in (singles or {}).items():
+        ax.scatter(1e3 * mb, est, marker="s", color="black", s=20)
+        ax.annotate(f"W{b}", (1e3 * mb, est), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.errorbar(1e3 * d["size_mb"], d["estimate"], yerr=d["half_width"], fmt="o", color="tab:blue",
+                capsize=3, label="this allocation (± 95%)")
+    if d.get("measured") is not None:
+        ax.scatter(1e3 * d["size_mb"], d["measured"], marker="x", color="tab:red", s=50, label="measured")
+    ax.axhline(d["float_acc"], color="gray", ls=":", lw=1, label="float")
+    ax.set(xlabel="weights (kB)", ylabel="top-1 (%)", title="size against accuracy")
+    ax.legend(fontsize=8, loc="lower right")
+    return ax
+
+
+def single_references(ctx: dict, a_bits: int | None) -> dict:
+    """:func:`allocation_estimate` of single-precision models (3, 4, 6 and 8 bits) at
+    ``a_bits``: the frontier plot's reference points, kept out of ``ctx["tried"]``."""
+    n_tried = len(ctx["tried"])
+    refs = {b: allocation_estimate(ctx, [b], 1.0, a_bits) for b in (3, 4, 6, 8)}
+    del ctx["tried"][n_tried:]
+    return refs
+
+
+def picker_readout(d: dict) -> str:
+    """The picker's line under the plot (HTML): size, and where there is one, the estimate
+    with its interval and the measured top-1."""
+    size = (f"model size {1e3 * d['size_mb']:.2f} kB; single precision: "
+            + ", ".join(f"{b} bits {1e3 * s:.2f} kB" for b, s in d["uniform_mb"].items()))
+    if "estimate" not in d:
+        return size
+    act = "float" if d["a_bits"] is None else f"{d['a_bits']}-bit"
+    text = (size + f". Nearest rounding, {act} activations: estimated top-1 <b>{d['estimate']:.1f}%</b> "
+            f"± {d['half_width']:.1f} (paired probe {d['paired']:.1f}%; float {d['float_acc']:.1f}%; "
+            f"{d['seconds']:.2f} s)")
+    if d.get("measured") is not None:
+        text += f"; <b>measured {d['measured']:.2f}%</b> on the test images"
+    return text
+
+
+def _png(draw) -> bytes:
+    """A figure drawn by ``draw(fig)`` as PNG bytes, without pyplot (safe off the main thread)."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 3.8))
+    draw(fig)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    return buf.getvalue()
+
+
+def picker_picture(d: dict, ctx: dict | None = None, singles: dict | None = None) -> bytes:
+    """The picker's picture as PNG: the allocation (:func:`plot_bit_allocation`) and, with
+    an estimate (``ctx``), the size-against-accuracy frontier beside it."""
+    def draw(fig):
+        if ctx is None:
+            plot_bit_allocation(d, fig.subplots())
+            return
+        ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
+        plot_bit_allocation(d, ax1)
+        plot_frontier(ctx, d, ax2, {b: (s["size_mb"], s["estimate"]) for b, s in (singles or {}).items()})
+    return _png(draw)
+
+
+def debounced(fn, delay: float):
+    """``trigger`` calls ``fn(generation)`` in a timer thread ``delay`` seconds after the last
+    trigger (earlier pending calls are cancelled); ``current(generation)`` says whether no
+    trigger came since, so a long ``fn`` can drop a stale result. Returns (trigger, current)."""
+    import threading
+
+    state = {"gen": 0, "timer": None}
+
+    def trigger(*_):
+        state["gen"] += 1
+        if state["timer"] is not None:
+            state["timer"].cancel()
+        state["timer"] = threading.Timer(delay, fn, args=(state["gen"],))
+        state["timer"].start()
+    return trigger, lambda gen: gen == state["gen"]
+
+
+def bit_picker(model, bitlist=(3, 4, 5, 6), eps2: float | None = None, *, trained: dict | None = None,
+               calib: torch.Tensor | None = None, test_set=None, a_bits: int | None = 8, debounce: float = 0.3):
+    """Toggles for the widths 2..8 and an ε² slider (default :data:`qlib.mixed.EPS2`) drive
+    the allocation plot and the model size. Given chapter 5's ``trained`` predictor, ``calib``
+    and ``test_set``: an activation width, the estimated top-1 (:func:`allocation_estimate`),
+    the frontier of every allocation tried and a "measure" button. Updates run off the event
+    thread ``debounce`` s after the last change (:func:`debounced`): no backlog."""
+    import threading
+
+    import ipywidgets as W
+    from IPython.display import Image
 
     toggles = {b: W.ToggleButton(value=b in bitlist, description=str(b), layout=W.Layout(width="42px"))
                for b in range(2, 9)}
     e_s = W.FloatLogSlider(value=mixed.EPS2 if eps2 is None else eps2, base=10, min=-5, max=1, step=0.25, description="ε²")
-    out = W.Output()
+    act = W.Dropdown(options=list(ACT_CHOICES), value=next(k for k, v in ACT_CHOICES.items() if v == a_bits),
+                     description="activations", layout=W.Layout(width="220px"))
+    button = W.Button(description="measure", tooltip="top-1 on the test images")
+    out, readout = W.Output(), W.HTML()
+    ctx = picker_context(model, trained, calib, test_set) if trained is not None else None
+    singles, current, lock = {}, {}, threading.Lock()
 
-    def redraw(*_):
-        with out:
-            out.clear_output(wait=True)
+    def show(d) -> None:
+        out.outputs = ()
+        out.append_display_data(Image(picker_picture(d, ctx, singles.get(d.get("a_bits")))))
+        readout.value = picker_readout(d)
+
+    def compute(gen: int) -> None:
+        with lock:   # one computation at a time; a stale one is dropped unshown
             chosen = [b for b, t in toggles.items() if t.value]
-            if not chosen:
-                print("pick at least one bit width")
+            if not is_current(gen):
                 return
-            d = bit_picker_data(model, chosen, e_s.value)
-            plot_bit_allocation(d)
-            plt.tight_layout()
-            plt.show()
-            print(f"model size {1e3 * d['size_mb']:.2f} kB; single precision: " +
-                  ", ".join(f"{b} bits {1e3 * s:.2f} kB" for b, s in d["uniform_mb"].items()))
+            if not chosen:
+                out.outputs, readout.value = (), "pick at least one bit width"
+                return
+            if ctx is None:
+                d = bit_picker_data(model, chosen, e_s.value)
+            else:
+                a = ACT_CHOICES[act.value]
+                singles[a] = singles.get(a) or single_references(ctx, a)
+                d = allocation_estimate(ctx, chosen, e_s.value, a)
+            if is_current(gen):
+                current["d"] = d
+                show(d)
 
-    for w in [*toggles.values(), e_s]:
-        w.observe(redraw, names="value")
-    redraw()
-    return W.VBox([W.HBox([W.Label("bit widths"), *toggles.values()]), e_s, out])
+    def on_measure(_):
+        with lock:
+            if "d" in current:
+                measure(ctx, current["d"])
+                show(current["d"])
+
+    changed, is_current = debounced(compute, debounce)
+    for w in [*toggles.values(), e_s, act]:
+        w.observe(changed, names="value")
+    button.on_click(on_measure)
+    compute(0)   # the first picture synchronously: an executed notebook keeps it
+    controls = [W.HBox([W.Label("bit widths"), *toggles.values()]), e_s]
+    if ctx is not None:
+        controls.append(W.HBox([act, button]))
+    return W.VBox([*controls, out, readout])

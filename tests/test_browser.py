@@ -228,15 +228,26 @@ def test_tau_slider_redraws_the_explorer(voila_page):
     assert after[1] == before[1], "moving τ must not redraw the bit picker"
 
 
-def test_bit_toggle_changes_the_allocation(voila_page):
+def test_bit_toggle_changes_the_allocation_and_its_estimate(voila_page):
     page = voila_page
     before = _plots(page)
-    readout = page.locator(".widget-output pre, .widget-output .output_text").last
+    readout = page.locator(".widget-html-content").last
+    page.wait_for_function("() => [...document.querySelectorAll('.widget-html-content')].some("
+                           "e => e.textContent.includes('estimated top-1'))", timeout=60_000)
     line = readout.text_content()
     page.locator("button.widget-toggle-button", has_text="2").first.click()   # add 2 bits to (3, 4, 5, 6)
     after = _wait_for_change(page, before, 1)
-    page.wait_for_function("([t]) => { const o = [...document.querySelectorAll('.widget-output pre, .widget-output .output_text')];"
+    page.wait_for_function("([t]) => { const o = [...document.querySelectorAll('.widget-html-content')];"
                            " return o.length && o[o.length - 1].textContent !== t; }", arg=[line], timeout=60_000)
+    new_line = readout.text_content()
+    assert after[1] != before[1], "toggling a width must redraw the allocation and the frontier"
+    assert "2 bits" in new_line and "2 bits" not in line
+
+    def estimate(text):
+        return text.split("estimated top-1", 1)[1].split("%", 1)[0].strip()
+    assert estimate(new_line) != estimate(line), "a new allocation must come with a new estimate"
+    page.locator("button", has_text="measure").first.click()
+    page.wait_for_function("() => [...document.querySelectorAll('.widget-html-content')].some("
+                           "e => e.textContent.includes('measured'))", timeout=60_000)
     page.screenshot(path=str(SCREENSHOTS / "widget_bit_picker.png"))
-    assert after[1] != before[1]
-    assert "2 bits" in readout.text_content() and "2 bits" not in line
+    assert "measured" in readout.text_content() and estimate(readout.text_content()) == estimate(new_line)

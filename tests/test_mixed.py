@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qlib import mixed, models, widgets
+from qlib import mixed, models, quant, widgets
 
 
 def direct_length(W, eps2):
@@ -161,3 +161,76 @@ def test_allocate_to_size_spends_the_budget_and_refuses_an_impossible_one():
         mixed.allocate_to_size(m, 1e-6)
     with pytest.raises(ValueError, match="two widths"):
         mixed.allocate_to_size(m, target, widths=(4,))
+
+
+def _tiny_picker():
+    """A book ResNet (random weights) and a residual predictor with everything predict() needs."""
+    from qlib import models, predictor, tokens
+
+    torch.manual_seed(0)
+    model = models.build("resnet").eval()
+    probe, labels = torch.randn(24, 1, 28, 28), torch.randint(0, 10, (24,))
+    ranges = tokens.float_ranges(model, probe)
+    enc = predictor.AccuracyPredictor(token_dim=2 * 8, d_model=8, heads=2, layers=1)
+    enc.residual.fill_(1)
+    fl = tokens.histogram_pass(model, probe, 8, ranges, labels=labels)
+    trained = {"model": enc, "probe": probe, "probe_labels": labels, "bins": 8, "ranges": ranges,
+               "float_acc": 50.0, "float_probe_acc": fl["acc"]}
+    test_set = torch.utils.data.TensorDataset(torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,)))
+    return model, trained, widgets.picker_context(model, trained, torch.randn(32, 1, 28, 28), test_set)
+
+
+def test_allocation_estimate_is_the_predictor_on_the_nearest_quantized_allocation():
+    from qlib import models, predictor, tokens
+
+    model, trained, ctx = _tiny_picker()
+    d = widgets.allocation_estimate(ctx, [3, 5], 1e-3, a_bits=8)
+    assert d["bits"] == mixed.allocate_bits(model, [3, 5], 1e-3)
+    assert d["size_mb"] == pytest.approx(mixed.model_size_mb(model, d["bits"]))
+    assert d["estimate"] == pytest.approx(predictor.predict(trained, d["qmodel"]), abs=1e-4)
+    q_probe = tokens.histogram_pass(d["qmodel"], trained["probe"], 8, trained["ranges"], labels=trained["probe_labels"])
+    assert d["paired"] == pytest.approx(50.0 + q_probe["acc"] - trained["float_probe_acc"])
+    assert d["half_width"] > 0 and d["measured"] is None
+    layers = [m for m in d["qmodel"].modules() if isinstance(m, quant.QuantLayer)]
+    assert {m.w_bits for m in layers} >= {3, 5} and any(m.act is not None and m.act.bits == 8 for m in layers)
+    # float activations: no activation quantizer; the frontier keeps both tries
+    d32 = widgets.allocation_estimate(ctx, [3, 5], 1e-3, a_bits=None)
+    assert all(m.act is None for m in d32["qmodel"].modules() if isinstance(m, quant.QuantLayer))
+    assert [t["a_bits"] for t in ctx["tried"]] == [8, None]
+    assert widgets.measure(ctx, d) == pytest.approx(100 * models.evaluate(d["qmodel"], ctx["test_set"]))
+    assert "measured" in widgets.picker_readout(d) and "estimated top-1" in widgets.picker_readout(d)
+
+
+def test_paired_interval_from_the_disagreements():
+    q = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    f = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
+    d = torch.tensor([0, -1, 1, 0, 0, 0, 0, 0.0])
+    assert widgets.paired_interval(q, f) == pytest.approx(100 * 1.96 * d.std().item() / 8 ** 0.5)
+    assert widgets.paired_interval(f, f) == pytest.approx(300 / 8)   # no disagreement: rule of three
+    assert widgets.paired_interval(q, f, z=1.0) < widgets.paired_interval(q, f)
+
+
+def test_fast_toggling_runs_one_update_for_the_last_change():
+    import threading
+    import time
+
+    calls, done = [], threading.Event()
+
+    def work(gen):
+        calls.append((gen, current(gen)))
+        done.set()
+    trigger, current = widgets.debounced(work, 0.2)
+    for _ in range(5):   # five toggles inside the debounce window
+        trigger()
+    assert done.wait(5)
+    time.sleep(0.3)
+    assert calls == [(5, True)], calls
+    trigger()
+    assert not current(5)   # a result computed for generation 5 is stale now
+
+
+def test_the_picker_draws_its_first_picture_at_once():
+    model, trained, ctx = _tiny_picker()
+    box = widgets.bit_picker(model, (3, 4), 1e-3, trained=trained, calib=ctx["calib"], test_set=ctx["test_set"])
+    out, readout = box.children[-2], box.children[-1]
+    assert any("image/png" in o["data"] for o in out.outputs) and "estimated top-1" in readout.value

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qlib import ablations, experiments, predictor, profiles, quant, report
+from qlib import ablations, book, experiments, predictor, profiles, quant, report
 from qlib.hooks import forward_hooks
 
 QLIB = Path(__file__).resolve().parent.parent / "qlib"
@@ -180,3 +180,16 @@ def test_widget_cells_get_a_short_timeout():
             src = "".join(cell["source"])
             if cell["cell_type"] == "code" and ("widgets.tau_explorer(" in src or "widgets.bit_picker(" in src):
                 assert "widget" in cell["metadata"].get("tags", []), f"{nb.name}: untagged widget cell"
+
+
+def test_the_static_book_keeps_what_a_widget_drew():
+    """A widget's view is replaced by its Output widgets' plots and HTML readouts, in order."""
+    png = {"output_type": "display_data", "metadata": {}, "data": {"image/png": "iVBO", "text/plain": "<Image>"}}
+    state = {"box": {"model_name": "VBoxModel", "state": {"children": ["IPY_MODEL_ctl", "IPY_MODEL_out", "IPY_MODEL_txt"]}},
+             "ctl": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_btn"]}},
+             "btn": {"model_name": "ToggleButtonModel", "state": {"description": "2"}},
+             "out": {"model_name": "OutputModel", "state": {"outputs": [png]}},
+             "txt": {"model_name": "HTMLModel", "state": {"value": "estimated top-1 <b>90.1%</b>"}}}
+    pics = book.widget_pictures(state, "box")
+    assert pics[0] == png and pics[1]["data"] == {"text/html": "estimated top-1 <b>90.1%</b>"} and len(pics) == 2
+    assert book.widget_pictures(state, "missing") == []
