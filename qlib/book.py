@@ -54,7 +54,8 @@ def execute_one(nb: Path, profile: str = "quick", out_dir: Path = EXECUTED, *,
     raise AssertionError("unreachable")
 
 
-#: seconds a cell tagged ``widget`` may run (it builds a widget and draws it once: 0.3–0.7 s;
+#: seconds a cell tagged ``widget`` may run (it builds a widget and draws it once: 0.3–0.7 s,
+#: the bit-list picker a few seconds: five nearest-rounding quantizations for its estimates;
 #: when papermill and the kernel stall on its messages, the cell completes at this timeout
 #: with its output intact, seen in chapter 2 in a fresh-clone run)
 WIDGET_CELL_TIMEOUT = 20

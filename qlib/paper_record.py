@@ -56,7 +56,7 @@ def glued_values(executed: Path) -> dict:
         for out in cell.get("outputs", []):
             meta = out.get("metadata", {}).get("scrapbook")
             if meta:
-                text = out["data"][meta.get("mime_prefix", "") + "text/plain"]
+                text = out.get("data", {}).get(meta.get("mime_prefix", "") + "text/plain", "")
                 try:
                     values[meta["name"]] = ast.literal_eval(text)
                 except (ValueError, SyntaxError):
@@ -135,6 +135,9 @@ def load(record_dir: Path) -> dict | None:
     if missing:
         raise RecordError(f"{env_path} lacks {', '.join(missing)}: a record must say what it ran on and "
                           "from which commit; record it again with `make paper-record`")
+    if not isinstance(env["chapters"], dict):
+        raise RecordError(f"{env_path}: 'chapters' must map each chapter to its wall seconds; record it again "
+                          "with `make paper-record`")
     out = {}
     for stem in env["chapters"]:
         path = record_dir / f"{stem}.json"

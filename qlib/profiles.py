@@ -282,7 +282,10 @@ PROFILES: dict[str, Profile] = {
 #: The fields :func:`scaled` may change, per section: how much work a run does (images,
 #: steps, epochs, population sizes, repeats), never what it runs (rows, settings, seeds,
 #: switches, learning-rate and τ grids, model sizes). A tuple-valued count (a grid of image
-#: or step counts) keeps its length: the same grid points, shrunk.
+#: or step counts) keeps its length: the same grid points, shrunk. Four are not counts but
+#: follow them: the batch sizes (a batch larger than the shrunk image set is refused), early
+#: stopping's patience and evaluation interval (in steps and epochs that shrank) and the
+#: cell timeout.
 COUNTS: dict[str, tuple[str, ...]] = {
     "train": ("epochs", "train_images"),
     "quant": ("calib_images", "iters", "batch_size"),
@@ -324,10 +327,10 @@ def scaled(base: Profile, name: str, counts: dict[str, dict]) -> Profile:
 PROFILES["paper-small"] = scaled(PROFILES["paper"], "paper-small", {
     # the paper profile's every row, seed, τ, switch and grid, with each count shrunk so all
     # ten chapters run in a few minutes on two CPU cores (CI: tests/test_paper_small.py). Its
-    # numbers mean nothing (float models trained one epoch on 2,048 images, one or two Adam
-    # steps per unit): it proves the code path that `PROFILE=paper make book` takes on a GPU
+    # numbers mean nothing (float models trained one epoch on 2,048 images, four Adam steps
+    # per unit): it proves the code path that `PROFILE=paper make book` takes on a GPU
     "train": {"epochs": 1, "train_images": 2048},
-    "quant": {"calib_images": 32, "iters": 2, "batch_size": 16},
+    "quant": {"calib_images": 32, "iters": 4, "batch_size": 16},
     "predictor": {"configs": 6, "probe_images": 32, "epochs": 2, "patience": 1},
     "one_image": {"steps": 2, "eval_every": 1, "patience": 1, "pool": 4, "judge_draws": 1,
                   "judge_val_draws": 1, "k_draws": 2, "bn_steps": 2},

@@ -529,7 +529,8 @@ def trained_predictor(arch: str, profile: str = "quick", *, residual: bool | Non
     ``model`` (one AccuracyPredictor on probe-image tokens, trained on all three
     architectures' training configurations of the profile's split, with the settings
     :func:`encoder_settings` chose), ``history`` (its validation MAE), ``probe`` (the probe
-    images) and their labels, the float model's test and probe top-1, ``ranges``, ``bins``.
+    images) and their labels, the float model's test and probe top-1 and probe predictions,
+    ``val_abs_err`` (its absolute errors on ``arch``'s validation configurations), ``ranges``, ``bins``.
     ``residual``: a correction to the paired probe estimate, or the preprint's direct
     regression (default: the profile's choice). Built (populations read or labelled,
     predictor trained) if not cached."""
@@ -544,12 +545,17 @@ def trained_predictor(arch: str, profile: str = "quick", *, residual: bool | Non
     row = next(r for r in settings["table"] if r["target"] == target and r["chosen"])
     pop = pops.pops[arch]
     images, labels = S.test_set.tensors
-    return {"model": _predictor_from_state(ps, settings["state"][target], target), "target": target,
+    model = _predictor_from_state(ps, settings["state"][target], target)
+    # its error on this architecture's validation configurations: the interval a user of
+    # predict() can put around one prediction (the bit-list picker does)
+    val_err = np.abs(predict_part(model, pops, "val", archs=[arch]) - pops.labels("val", archs=[arch]))
+    return {"model": model, "target": target, "val_abs_err": val_err,
             "settings": settings["chosen"][target], "history": {"best_val_mae": row["val_mae"], "val_mae": row["curve"],
                                                                  "best_epoch": row["best_epoch"],
                                                                  "epochs_run": row["epochs"], "seconds": row["seconds"]},
             "probe": images[pop["probe_idx"]], "probe_labels": labels[pop["probe_idx"]],
             "float_acc": pop["float"]["acc"], "float_probe_acc": pop["float"]["probe_acc"],
+            "float_probe_preds": pop["float"]["probe_preds"],
             "ranges": {k: tuple(v) for k, v in pop["ranges"].items()}, "bins": pop["bins"], "arch": arch}
 
 

@@ -5,6 +5,8 @@ check them without a browser; the widget functions only wire sliders to a plot.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -117,41 +119,57 @@ def plot_bit_allocation(d: dict, ax=None, first_last_bits: int = 8, title: str |
 
 
 ACT_CHOICES = {"float": None, "8 bits": 8, "6 bits": 6, "4 bits": 4}   # the picker's activation widths
+INTERVAL = 0.95   # the share of validation errors the picker's ± covers
 
 
 def picker_context(model, trained: dict, calib: torch.Tensor, test_set) -> dict:
-    """What the bit-list picker's estimates share, computed once: the float model, chapter 5's
-    trained predictor for its architecture (:func:`qlib.study.trained_predictor`), the
-    calibration images for the activation steps, the test set for "measure", and the float
-    model's per-image correctness on the predictor's probe images (the paired estimate's
-    other half)."""
+    """What the bit-list picker's estimates share, checked and computed once: the float
+    model, chapter 5's trained predictor for its architecture
+    (:func:`qlib.study.trained_predictor`), the calibration images for the activation steps,
+    the test set for "measure", the float model's per-image correctness on the probe images
+    (the paired estimate's other half) and ``half_width``: the predictor's 95th-percentile
+    absolute error on its validation configurations (points), the ± around an estimate."""
     from qlib import tokens
 
-    fl = tokens.histogram_pass(model.eval(), trained["probe"], trained["bins"], trained["ranges"],
-                               labels=trained["probe_labels"])
+    missing = [k for k in ("model", "probe", "probe_labels", "bins", "ranges", "float_acc", "float_probe_acc")
+               if k not in trained]
+    if missing:
+        raise ValueError(f"trained lacks {', '.join(missing)}: pass study.trained_predictor(arch, profile)")
+    if calib is None or test_set is None:
+        raise ValueError("the estimate needs calib (images for the activation steps) and test_set (for measure)")
+    if set(tokens.token_layers(model)) != set(trained["ranges"]):
+        raise ValueError(f"this predictor was trained for {trained.get('arch', 'another architecture')}: its "
+                         "layers are not the model's; pass study.trained_predictor for the model's architecture")
+    preds = trained.get("float_probe_preds")
+    if preds is None:
+        from qlib.graph import fold_bn   # as the population measured it
+        preds = tokens.histogram_pass(fold_bn(model).eval(), trained["probe"], trained["bins"], trained["ranges"])["preds"]
+    err = trained.get("val_abs_err")
     return {"model": model, "trained": trained, "calib": calib, "test_set": test_set,
-            "float_probe_correct": fl["preds"] == trained["probe_labels"], "tried": []}
+            "float_probe_correct": preds == trained["probe_labels"], "tried": [],
+            "half_width": float(np.quantile(err, INTERVAL)) if err is not None and len(err) else None}
 
 
 def paired_interval(q_correct: torch.Tensor, f_correct: torch.Tensor, z: float = 1.96) -> float:
-    """Half-width (points) of the paired estimate's ≈95% interval: z standard errors of the
-    mean per-image difference (quantized − float correct, each −1, 0 or 1) over the probe
-    images. With no disagreement at all, the rule of three: 300/n points (95% upper bound
-    on a disagreement rate never observed in n images)."""
+    """Half-width (points) of the paired estimate's ≈95% sampling interval: z standard
+    errors of the mean per-image difference (quantized − float correct: −1, 0 or 1) over the
+    n probe images, and never below the rule of three's 300/n (the 95% bound on a
+    disagreement rate when none is seen), so a handful of disagreements never looks surer
+    than none."""
     d = q_correct.float() - f_correct.float()
     n = len(d)
-    if int((d != 0).sum()) == 0:
-        return 300.0 / n
-    return float(100 * z * d.std(unbiased=True) / n ** 0.5)
+    se = float(100 * z * d.std(unbiased=True) / n ** 0.5) if n > 1 else 100.0
+    return max(se, 300.0 / n)
 
 
 def allocation_estimate(ctx: dict, bitlist, eps2: float, a_bits: int | None) -> dict:
     """For the picker's current choice: Algorithm 1's allocation of ``bitlist`` at ``eps2``
     (:func:`bit_picker_data`), quantized with nearest rounding (activation steps by the
-    MSE search at ``a_bits``; None: float activations), and its estimated top-1 (%) from
-    chapter 5's predictor (:func:`qlib.predictor.predict`), with the paired probe estimate and
-    its ≈95% half-width (:func:`paired_interval`). Also ``qmodel`` (for "measure") and
-    ``seconds``. Appended to ``ctx["tried"]`` (the frontier the plot keeps)."""
+    MSE search at ``a_bits``; None: float activations), and its estimated top-1 (%): chapter
+    5's predictor (:func:`qlib.predictor.predict`, from one pass over the probe images) with
+    ``half_width`` (:func:`picker_context`; the paired interval if the predictor has no
+    validation errors), and the paired probe estimate with its own interval. Also ``qmodel``
+    (for "measure") and ``seconds``."""
     import time
 
     from qlib import predictor, quant, tokens
@@ -163,12 +181,23 @@ def allocation_estimate(ctx: dict, bitlist, eps2: float, a_bits: int | None) -> 
                        progress=False)
     out = tokens.histogram_pass(q, tr["probe"], tr["bins"], tr["ranges"], labels=tr["probe_labels"])
     paired = tr["float_acc"] + out["acc"] - tr["float_probe_acc"]
-    estimate = predictor.predict(tr, q)
-    half = paired_interval(out["preds"] == tr["probe_labels"], ctx["float_probe_correct"])
-    d.update(a_bits=a_bits, qmodel=q, estimate=estimate, paired=paired, half_width=half,
+    residual = int(tr["model"].residual)
+    estimate = float(predictor.predict_tokens(tr["model"], [out["tokens"]], base=[paired] if residual else None)[0])
+    paired_half = paired_interval(out["preds"] == tr["probe_labels"], ctx["float_probe_correct"])
+    d.update(a_bits=a_bits, qmodel=q, estimate=estimate, paired=paired, paired_half=paired_half,
+             half_width=ctx["half_width"] if ctx["half_width"] is not None else paired_half,
+             half_note=("covers 95% of the predictor's errors on chapter 5's validation configurations"
+                        if ctx["half_width"] is not None else "the paired probe interval"),
              float_acc=tr["float_acc"], seconds=time.perf_counter() - start, measured=None)
-    ctx["tried"].append({k: d[k] for k in ("bitlist", "eps2", "a_bits", "size_mb", "estimate", "half_width")})
     return d
+
+
+def remember(ctx: dict | None, d: dict) -> None:
+    """Keep ``d`` (shown to the reader) as a point of the frontier :func:`plot_frontier` draws."""
+    if ctx is None:   # a picker without estimates keeps no frontier
+        return
+    d["summary"] = {k: d[k] for k in ("bitlist", "eps2", "a_bits", "size_mb", "estimate", "half_width")}
+    ctx["tried"].append(d["summary"])
 
 
 def measure(ctx: dict, d: dict) -> float:
@@ -188,7 +217,7 @@ def plot_frontier(ctx: dict, d: dict, ax=None, singles: dict | None = None):
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3.6))
-    tried = ctx["tried"][:-1]
+    tried = [t for t in ctx["tried"] if t is not d.get("summary")]
     if tried:
         ax.scatter([1e3 * t["size_mb"] for t in tried], [t["estimate"] for t in tried], color="gray",
                    alpha=0.6, s=18, label="tried")
@@ -196,7 +225,7 @@ def plot_frontier(ctx: dict, d: dict, ax=None, singles: dict | None = None):
         ax.scatter(1e3 * mb, est, marker="s", color="black", s=20)
         ax.annotate(f"W{b}", (1e3 * mb, est), textcoords="offset points", xytext=(4, 3), fontsize=8)
     ax.errorbar(1e3 * d["size_mb"], d["estimate"], yerr=d["half_width"], fmt="o", color="tab:blue",
-                capsize=3, label="this allocation (± 95%)")
+                capsize=3, label="this allocation (± its 95% error)")
     if d.get("measured") is not None:
         ax.scatter(1e3 * d["size_mb"], d["measured"], marker="x", color="tab:red", s=50, label="measured")
     ax.axhline(d["float_acc"], color="gray", ls=":", lw=1, label="float")
@@ -207,11 +236,8 @@ def plot_frontier(ctx: dict, d: dict, ax=None, singles: dict | None = None):
 
 def single_references(ctx: dict, a_bits: int | None) -> dict:
     """:func:`allocation_estimate` of single-precision models (3, 4, 6 and 8 bits) at
-    ``a_bits``: the frontier plot's reference points, kept out of ``ctx["tried"]``."""
-    n_tried = len(ctx["tried"])
-    refs = {b: allocation_estimate(ctx, [b], 1.0, a_bits) for b in (3, 4, 6, 8)}
-    del ctx["tried"][n_tried:]
-    return refs
+    ``a_bits``: the frontier plot's reference points."""
+    return {b: allocation_estimate(ctx, [b], 1.0, a_bits) for b in (3, 4, 6, 8)}
 
 
 def picker_readout(d: dict) -> str:
@@ -223,8 +249,8 @@ def picker_readout(d: dict) -> str:
         return size
     act = "float" if d["a_bits"] is None else f"{d['a_bits']}-bit"
     text = (size + f". Nearest rounding, {act} activations: estimated top-1 <b>{d['estimate']:.1f}%</b> "
-            f"± {d['half_width']:.1f} (paired probe {d['paired']:.1f}%; float {d['float_acc']:.1f}%; "
-            f"{d['seconds']:.2f} s)")
+            f"± {d['half_width']:.1f} ({d['half_note']}; paired probe estimate "
+            f"{d['paired']:.1f}% ± {d['paired_half']:.1f}; float {d['float_acc']:.1f}%; {d['seconds']:.2f} s)")
     if d.get("measured") is not None:
         text += f"; <b>measured {d['measured']:.2f}%</b> on the test images"
     return text
@@ -274,6 +300,19 @@ def debounced(fn, delay: float):
     return trigger, lambda gen: gen == state["gen"]
 
 
+def picker_update(ctx: dict | None, model, chosen: list[int], eps2: float, a_bits: int | None,
+                  singles: dict) -> dict:
+    """One update of the picker: :func:`bit_picker_data` without an estimate (``ctx`` None),
+    else :func:`allocation_estimate`, with the single-precision references of ``a_bits`` added
+    to ``singles`` the first time that activation width is picked."""
+    if ctx is None:
+        return bit_picker_data(model, chosen, eps2)
+    mixed.normalize_bitlist(chosen)   # an empty list: its clear error before the references cost anything
+    if a_bits not in singles:
+        singles[a_bits] = single_references(ctx, a_bits)
+    return allocation_estimate(ctx, chosen, eps2, a_bits)
+
+
 def bit_picker(model, bitlist=(3, 4, 5, 6), eps2: float | None = None, *, trained: dict | None = None,
                calib: torch.Tensor | None = None, test_set=None, a_bits: int | None = 8, debounce: float = 0.3):
     """Toggles for the widths 2..8 and an ε² slider (default :data:`qlib.mixed.EPS2`) drive
@@ -281,11 +320,11 @@ def bit_picker(model, bitlist=(3, 4, 5, 6), eps2: float | None = None, *, traine
     and ``test_set``: an activation width, the estimated top-1 (:func:`allocation_estimate`),
     the frontier of every allocation tried and a "measure" button. Updates run off the event
     thread ``debounce`` s after the last change (:func:`debounced`): no backlog."""
-    import threading
-
     import ipywidgets as W
     from IPython.display import Image
 
+    if a_bits not in ACT_CHOICES.values():
+        raise ValueError(f"a_bits must be one of {list(ACT_CHOICES.values())} (None: float), got {a_bits!r}")
     toggles = {b: W.ToggleButton(value=b in bitlist, description=str(b), layout=W.Layout(width="42px"))
                for b in range(2, 9)}
     e_s = W.FloatLogSlider(value=mixed.EPS2 if eps2 is None else eps2, base=10, min=-5, max=1, step=0.25, description="ε²")
@@ -303,34 +342,34 @@ def bit_picker(model, bitlist=(3, 4, 5, 6), eps2: float | None = None, *, traine
 
     def compute(gen: int) -> None:
         with lock:   # one computation at a time; a stale one is dropped unshown
-            chosen = [b for b, t in toggles.items() if t.value]
             if not is_current(gen):
                 return
-            if not chosen:
-                out.outputs, readout.value = (), "pick at least one bit width"
+            try:
+                d = picker_update(ctx, model, [b for b, t in toggles.items() if t.value], e_s.value,
+                                  ACT_CHOICES[act.value], singles)
+            except Exception as e:   # in a timer thread nobody sees a traceback: show it (an empty list too)
+                out.outputs, readout.value = (), f"<b>error</b>: {type(e).__name__}: {e}"
                 return
-            if ctx is None:
-                d = bit_picker_data(model, chosen, e_s.value)
-            else:
-                a = ACT_CHOICES[act.value]
-                singles[a] = singles.get(a) or single_references(ctx, a)
-                d = allocation_estimate(ctx, chosen, e_s.value, a)
             if is_current(gen):
-                current["d"] = d
+                current.update(d=d, gen=gen)
+                remember(ctx, d)
                 show(d)
 
-    def on_measure(_):
-        with lock:
-            if "d" in current:
+    def measure_current() -> None:
+        with lock:   # the allocation on screen, unless a newer change is pending
+            if "d" in current and is_current(current["gen"]):
                 measure(ctx, current["d"])
                 show(current["d"])
+        button.disabled = False
+
+    def on_measure(_):
+        button.disabled = True
+        threading.Thread(target=measure_current, daemon=True).start()
 
     changed, is_current = debounced(compute, debounce)
     for w in [*toggles.values(), e_s, act]:
         w.observe(changed, names="value")
     button.on_click(on_measure)
     compute(0)   # the first picture synchronously: an executed notebook keeps it
-    controls = [W.HBox([W.Label("bit widths"), *toggles.values()]), e_s]
-    if ctx is not None:
-        controls.append(W.HBox([act, button]))
+    controls = [W.HBox([W.Label("bit widths"), *toggles.values()]), e_s] + ([W.HBox([act, button])] if ctx else [])
     return W.VBox([*controls, out, readout])

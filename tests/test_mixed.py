@@ -1,6 +1,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -190,23 +191,48 @@ def test_allocation_estimate_is_the_predictor_on_the_nearest_quantized_allocatio
     assert d["estimate"] == pytest.approx(predictor.predict(trained, d["qmodel"]), abs=1e-4)
     q_probe = tokens.histogram_pass(d["qmodel"], trained["probe"], 8, trained["ranges"], labels=trained["probe_labels"])
     assert d["paired"] == pytest.approx(50.0 + q_probe["acc"] - trained["float_probe_acc"])
-    assert d["half_width"] > 0 and d["measured"] is None
+    # no validation errors in this predictor: the ± is the paired interval
+    assert d["half_width"] == d["paired_half"] >= 300 / 24 and d["measured"] is None
     layers = [m for m in d["qmodel"].modules() if isinstance(m, quant.QuantLayer)]
     assert {m.w_bits for m in layers} >= {3, 5} and any(m.act is not None and m.act.bits == 8 for m in layers)
-    # float activations: no activation quantizer; the frontier keeps both tries
+    # float activations: no activation quantizer; the frontier keeps what was shown, in order
     d32 = widgets.allocation_estimate(ctx, [3, 5], 1e-3, a_bits=None)
     assert all(m.act is None for m in d32["qmodel"].modules() if isinstance(m, quant.QuantLayer))
-    assert [t["a_bits"] for t in ctx["tried"]] == [8, None]
+    assert ctx["tried"] == []
+    widgets.remember(ctx, d), widgets.remember(ctx, d32)
+    assert [t["a_bits"] for t in ctx["tried"]] == [8, None] and ctx["tried"][-1] is d32["summary"]
     assert widgets.measure(ctx, d) == pytest.approx(100 * models.evaluate(d["qmodel"], ctx["test_set"]))
     assert "measured" in widgets.picker_readout(d) and "estimated top-1" in widgets.picker_readout(d)
+    # with the predictor's validation errors, the ± is their 95th percentile
+    trained["val_abs_err"] = np.arange(1, 101, dtype=float)
+    ctx2 = widgets.picker_context(model, trained, ctx["calib"], ctx["test_set"])
+    assert ctx2["half_width"] == pytest.approx(np.quantile(np.arange(1, 101), 0.95))
+    assert widgets.allocation_estimate(ctx2, [4], 1.0, None)["half_width"] == ctx2["half_width"]
+
+
+def test_the_picker_refuses_a_predictor_of_another_architecture_and_missing_inputs():
+    model, trained, ctx = _tiny_picker()
+    with pytest.raises(ValueError, match="trained for"):
+        widgets.picker_context(models.build("vgg"), trained, ctx["calib"], ctx["test_set"])
+    with pytest.raises(ValueError, match="calib"):
+        widgets.picker_context(model, trained, None, ctx["test_set"])
+    with pytest.raises(ValueError, match="lacks probe"):
+        widgets.picker_context(model, {k: v for k, v in trained.items() if k != "probe"}, ctx["calib"], ctx["test_set"])
+    with pytest.raises(ValueError, match="a_bits must be one of"):
+        widgets.bit_picker(model, (3, 4), a_bits=5)
 
 
 def test_paired_interval_from_the_disagreements():
-    q = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
-    f = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
-    d = torch.tensor([0, -1, 1, 0, 0, 0, 0, 0.0])
-    assert widgets.paired_interval(q, f) == pytest.approx(100 * 1.96 * d.std().item() / 8 ** 0.5)
-    assert widgets.paired_interval(f, f) == pytest.approx(300 / 8)   # no disagreement: rule of three
+    f = torch.ones(100, dtype=torch.bool)
+    f[:5] = False
+    q = f.clone()
+    q[:5], q[5:10] = True, False   # ten disagreements, five each way: d = ±1 on 10 of 100 images
+    # by hand: std of d = sqrt(10/99) = 0.31782; 1.96 × 0.31782 / √100 × 100 points = 6.229
+    assert widgets.paired_interval(q, f) == pytest.approx(6.229, abs=1e-3)
+    assert widgets.paired_interval(f, f) == pytest.approx(3.0)   # none: the rule of three, 300/n
+    one = f.clone()
+    one[0] = True   # one disagreement: 1.96 standard errors = 1.96 points, below the floor
+    assert widgets.paired_interval(one, f) == pytest.approx(3.0)
     assert widgets.paired_interval(q, f, z=1.0) < widgets.paired_interval(q, f)
 
 

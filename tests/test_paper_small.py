@@ -77,6 +77,9 @@ def test_a_record_without_device_or_commit_is_refused(tmp_path):
     (tmp_path / "env.json").write_text(json.dumps({**good, "chapters": {"03_attention_round_ptq": 1.0}}))
     with pytest.raises(paper_record.RecordError, match="missing"):
         paper_record.load(tmp_path)
+    (tmp_path / "env.json").write_text(json.dumps({**good, "chapters": ["03_attention_round_ptq"]}))
+    with pytest.raises(paper_record.RecordError, match="wall seconds"):
+        paper_record.load(tmp_path)
     with pytest.raises(paper_record.RecordError, match="device"):
         paper_record.write({}, {}, tmp_path / "w", {**good, "device": None})
     assert paper_record.load(tmp_path / "nothing") is None
@@ -87,4 +90,5 @@ def test_book_builds_from_the_paper_small_run():
         pytest.skip("the paper-small chapters did not all run")
     html = book.build(EXECUTED, book.BUILD / PROFILE)
     page = (html / "notebooks" / f"{paper_record.SELF}.html").read_text()
-    assert "The record below" in page and "paper-small" in page
+    env = paper_record.load(FIXTURE)["env"]   # the page shows the fixture's provenance
+    assert "The record below" in page and env["commit"] in page and env["date"] in page
