@@ -326,17 +326,17 @@ def scaled(base: Profile, name: str, counts: dict[str, dict]) -> Profile:
 
 PROFILES["paper-small"] = scaled(PROFILES["paper"], "paper-small", {
     # the paper profile's every row, seed, τ, switch and grid, with each count shrunk so all
-    # ten chapters run in a few minutes on two CPU cores (CI: tests/test_paper_small.py). Its
+    # ten chapters run in minutes on two CPU cores (CI: tests/test_paper_small.py). Its
     # numbers mean nothing (float models trained one epoch on 2,048 images, four Adam steps
     # per unit): it proves the code path that `PROFILE=paper make book` takes on a GPU
     "train": {"epochs": 1, "train_images": 2048},
-    "quant": {"calib_images": 32, "iters": 4, "batch_size": 16},
+    "quant": {"calib_images": 16, "iters": 4, "batch_size": 8},
     "predictor": {"configs": 6, "probe_images": 32, "epochs": 2, "patience": 1},
     "one_image": {"steps": 2, "eval_every": 1, "patience": 1, "pool": 4, "judge_draws": 1,
                   "judge_val_draws": 1, "k_draws": 2, "bn_steps": 2},
-    "ablation": {"calib_grid": (4, 8, 16, 32), "iters_grid": (0, 1, 2, 4), "probe_grid": (8, 16, 32)},
+    "ablation": {"calib_grid": (2, 4, 8, 16), "iters_grid": (0, 1, 2, 4), "probe_grid": (8, 16, 32)},
     "own_model": {"calib_images": 4, "eval_images": 4, "iters": 1, "batch_size": 2, "latency_repeats": 1},
-    "profile": {"test_subset": 512, "val_subset": 256, "cell_timeout": 300},
+    "profile": {"test_subset": 320, "val_subset": 128, "cell_timeout": 300},
 })
 
 
