@@ -165,11 +165,15 @@ def test_allocate_to_size_spends_the_budget_and_refuses_an_impossible_one():
 
 
 def _tiny_picker():
-    """A book ResNet (random weights) and a residual predictor with everything predict() needs."""
+    """A small conv net (random weights) and a residual predictor with everything predict() needs."""
     from qlib import models, predictor, tokens
 
     torch.manual_seed(0)
-    model = models.build("resnet").eval()
+    # small enough that a quantization takes milliseconds: three convolutions and a classifier
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
     probe, labels = torch.randn(24, 1, 28, 28), torch.randint(0, 10, (24,))
     ranges = tokens.float_ranges(model, probe)
     enc = predictor.AccuracyPredictor(token_dim=2 * 8, d_model=8, heads=2, layers=1)
@@ -213,7 +217,7 @@ def test_allocation_estimate_is_the_predictor_on_the_nearest_quantized_allocatio
 def test_the_picker_refuses_a_predictor_of_another_architecture_and_missing_inputs():
     model, trained, ctx = _tiny_picker()
     with pytest.raises(ValueError, match="trained for"):
-        widgets.picker_context(models.build("vgg"), trained, ctx["calib"], ctx["test_set"])
+        widgets.picker_context(models.build("resnet"), trained, ctx["calib"], ctx["test_set"])
     with pytest.raises(ValueError, match="calib"):
         widgets.picker_context(model, trained, None, ctx["test_set"])
     with pytest.raises(ValueError, match="lacks probe"):
