@@ -230,7 +230,7 @@ def plot_frontier(ctx: dict, d: dict, ax=None, singles: dict | None = None):
         ax.scatter(1e3 * d["size_mb"], d["measured"], marker="x", color="tab:red", s=50, label="measured")
     ax.axhline(d["float_acc"], color="gray", ls=":", lw=1, label="float")
     ax.set(xlabel="weights (kB)", ylabel="top-1 (%)", title="size against accuracy")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="best", framealpha=0.6)
     return ax
 
 
