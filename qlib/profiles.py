@@ -298,6 +298,20 @@ COUNTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def settings(p: Profile) -> dict:
+    """Every setting of ``p`` as ``{"section.field": value}``, the top-level ones (name,
+    test_subset, …) under ``"profile."``: what the book's profile page tabulates and the
+    test comparing ``paper-small`` with ``paper`` walks."""
+    out = {}
+    for f in dataclasses.fields(p):
+        v = getattr(p, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update({f"{f.name}.{k}": getattr(v, k) for k in (g.name for g in dataclasses.fields(v))})
+        else:
+            out[f"profile.{f.name}"] = v
+    return out
+
+
 def scaled(base: Profile, name: str, counts: dict[str, dict]) -> Profile:
     """``base`` with only its counts changed: ``counts`` maps a section of :data:`COUNTS`
     (``"quant"``, …; ``"profile"`` for the top-level fields) to ``{field: value}``. Every

@@ -1,6 +1,4 @@
 """The profiles: the scaled paper profile differs from ``paper`` only in its counts."""
-import dataclasses
-
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -8,20 +6,8 @@ from torch.utils.data import TensorDataset
 from qlib import data, profiles
 
 
-def _fields(p, prefix=""):
-    """Every leaf setting of a profile as {"section.field": value}."""
-    out = {}
-    for f in dataclasses.fields(p):
-        v = getattr(p, f.name)
-        if dataclasses.is_dataclass(v):
-            out.update(_fields(v, f"{f.name}."))
-        else:
-            out[f"{prefix or 'profile.'}{f.name}"] = v
-    return out
-
-
 def test_paper_small_differs_from_paper_only_in_counts():
-    paper, small = _fields(profiles.get("paper")), _fields(profiles.get("paper-small"))
+    paper, small = profiles.settings(profiles.get("paper")), profiles.settings(profiles.get("paper-small"))
     assert paper.keys() == small.keys()
     allowed = {f"{s}.{f}" for s, fs in profiles.COUNTS.items() for f in fs} | {"profile.name"}
     changed = {k for k in paper if paper[k] != small[k]}
